@@ -1,0 +1,39 @@
+"""One small module per array library, all with the same functions.
+
+Each backend module offers:
+
+- ``NAME`` and ``unavailable_reason()`` (None when the library can be used here);
+- ``namespace()``: the Array-API namespace; ``devices()`` and ``default_device()``;
+- ``from_numpy(array, device=None, dtype=None)`` and ``to_numpy(x)``;
+- ``dtypes(device=None)``: the floating dtypes it supports there, by name;
+- ``compile(fn)``: its compiler (``jax.jit``, ``torch.compile``) or ``fn`` itself;
+- ``synchronize(x=None)``: wait for queued device work (for timing).
+
+Importing this package imports no array library; a backend's library is imported the
+first time one of its functions needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NAMES = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def get(name: str) -> ModuleType:
+    """The backend module called ``name`` (one of :data:`NAMES`)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def status() -> dict[str, str | None]:
+    """Each backend's ``unavailable_reason()``: None where it can be used."""
+    return {name: get(name).unavailable_reason() for name in NAMES}
+
+
+def available() -> list[str]:
+    """The names of the backends that can be used here."""
+    return [name for name, reason in status().items() if reason is None]

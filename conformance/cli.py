@@ -1,0 +1,39 @@
+"""The ``mvn-core`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mvn-core", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="train a digits classifier with MVN-Grad and Adam on every installed backend")
+    demo.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
+    demo.add_argument("--lr", type=float, default=3e-3, help="learning rate of both rules")
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--hidden", type=int, default=32, help="hidden units")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--backends", default=None,
+                      help="comma-separated backends to run (default: all installed; "
+                           "numpy always runs, as the reference)")
+    demo.add_argument("--plot", default="mvn-core-demo.png",
+                      help="where to write the PNG of loss curves ('' for none)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        selected = set(args.backends.split(",")) if args.backends else None
+        run_demo(steps=args.steps, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden,
+                 seed=args.seed, selected=selected, plot_path=args.plot,
+                 show_progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

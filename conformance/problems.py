@@ -1,0 +1,36 @@
+"""Reproducible test problems: initial parameters and a sequence of gradients."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# 0-d, empty (1-d and 2-d), 1-d, 2-d and 4-d tensors: every rule must take all of them.
+SHAPES = ((), (0,), (0, 3), (7,), (5, 4), (2, 3, 2, 3))
+
+
+class Problem(NamedTuple):
+    params: list  # float64 arrays
+    grads: list  # per step, a list of float64 arrays (one per tensor)
+
+
+def make_problem(steps: int = 100, seed: int = 0, shapes=SHAPES) -> Problem:
+    """Parameters ~ N(0, 1); gradients = a fixed per-coordinate signal + fresh noise,
+    each tensor at its own scale (from 0.01 to 10), so that per-tensor statistics and
+    the cancellation in ``g - m`` are exercised."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(shape) for shape in shapes]
+    scales = 10.0 ** rng.uniform(-2, 1, size=len(shapes))
+    signals = [0.5 * rng.standard_normal(shape) for shape in shapes]
+    grads = [[scale * (signal + rng.standard_normal(signal.shape))
+              for scale, signal in zip(scales, signals)] for _ in range(steps)]
+    return Problem(params, grads)
+
+
+def rounded(problem: Problem, dtype) -> Problem:
+    """The problem with every value rounded to ``dtype`` (and held in float64 again), so
+    that the float64 oracle sees exactly the inputs a lower-precision run sees."""
+    def r(a):
+        return np.asarray(a).astype(dtype).astype(np.float64)
+    return Problem([r(p) for p in problem.params], [[r(g) for g in gs] for gs in problem.grads])

@@ -1,0 +1,118 @@
+"""How far a run in a floating dtype may lie from the float64 oracle, and why.
+
+The model is a worst-case rounding analysis, not a number tuned until tests pass.
+Let ``eps`` be the dtype's machine epsilon.  For a run whose inputs (initial parameters
+and gradients) are exactly the oracle's:
+
+* one step's elementwise arithmetic (at most ~12 operations, each correctly rounded,
+  the Python hyperparameters rounded into the dtype) perturbs the direction by at most
+  ``OPS * eps`` relative;
+* a state buffer kept as an exponential average with factor ``beta`` accumulates the
+  rounding of every step it remembers: after ``t`` steps at most
+  ``min(t, 1 / (1 - beta)) * eps`` relative.  The direction inherits the relative
+  error of every buffer it depends on (:data:`MEMORIES`), at most once each (a square
+  root halves it, which is ignored in favour of safety);
+* a reduction over ``n`` entries (NovoGrad's norm, GAN's statistics), summed pairwise
+  or in blocks as NumPy, PyTorch and XLA do, adds ``log2(n) + 1`` eps;
+* writing ``theta + update`` rounds once more, by ``eps |theta|``;
+* AdaBelief's rectification computes ``rho_t`` as a small difference of two numbers near
+  ``rho_inf = 2 / (1 - b2) - 1``, each carrying ~3 eps: ``rho_t`` is off by up to
+  ``6 eps rho_inf``, and the step size (a square root of a product of ``rho_t - 4``,
+  ``rho_t - 2`` and ``1 / rho_t``) by half the sum of those relative errors.  (The
+  reference computes it exactly; a step whose ``rho_t`` lies within that error of the
+  threshold 5 could take the other branch, which the tests would report.)
+
+Summed over the steps, coordinate by coordinate, with the oracle's own updates
+``u*_t`` and parameters ``theta*_t``::
+
+    |theta_T - theta*_T| <= eps * sum_{t<=T} (kappa_t |u*_t| + |theta*_t|)
+    kappa_t = OPS + reduction(n) + sum_{beta in MEMORIES} min(t, 1 / (1 - beta))
+
+The bound grows with the number of steps, as rounding does.  It assumes an exact
+reference; the float64 oracle is exact enough for float32 and narrower dtypes, and for a
+float64 run, where the oracle rounds as much as the run, ``eps`` is counted twice.  eps-dominated coordinates
+need no term of their own: where ``sqrt(v)`` is tiny or underflows, the denominator
+``sqrt(v) + eps`` is dominated by ``eps`` and its relative error stays below ``eps``.
+Errors in the parameters feed back through weight decay only multiplied by
+``lr * weight_decay`` (< 1e-2 in the tests), which is absorbed by the rounding up of OPS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OPS = 16
+
+# The averaging factors of the buffers each rule's direction depends on.
+MEMORIES = {
+    "mvn": ("b1", "b1", "b2"),  # m feeds v through g - m; v feeds z; u averages z
+    "adam": ("b1", "b2"),
+    "laprop": ("b1", "b2"),
+    "adabelief": ("b1", "b2"),
+    "maxva": ("b1", "b2_max"),  # the averaging weight of u, v, w is at most b2_max
+    "novograd": ("b1", "b2"),
+    "sgd": ("momentum",),
+}
+REDUCES = {"novograd"}
+
+
+def machine_eps(dtype) -> float:
+    """The spacing of the dtype's numbers at 1 (by name; NumPy has no bfloat16)."""
+    return 2.0 ** -7 if dtype == "bfloat16" else float(np.finfo(dtype).eps)
+
+
+def kappa(rule: str, hyper: dict, t: int, n: int) -> float:
+    """The relative error, in eps, of step ``t``'s update of a tensor of ``n`` entries."""
+    memory = sum(min(t, 1.0 / (1.0 - hyper[name])) for name in MEMORIES[rule])
+    rectifying = rule == "adabelief" and hyper.get("rectify", False)
+    return (OPS + memory + (reduction(n) if rule in REDUCES else 0.0)
+            + (rectification(hyper["b2"], t) if rectifying else 0.0))
+
+
+def rectification(b2: float, t: int) -> float:
+    """The relative error, in eps, of the rectified step size at step ``t`` (0 before)."""
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    rho = rho_inf - 2.0 * t * b2 ** t / (1.0 - b2 ** t)
+    if rho < 5:
+        return 0.0
+    return 3.0 * rho_inf * (1.0 / (rho - 4.0) + 1.0 / (rho - 2.0) + 1.0 / rho)
+
+
+def reduction(n: int) -> float:
+    return math.log2(max(n, 1)) + 1.0
+
+
+def trajectory_bounds(rule: str, hyper: dict, dtype, params0, reference) -> list:
+    """Per step and tensor, the largest allowed ``|theta - theta*|`` (arrays like theta)."""
+    eps = machine_eps(dtype) + machine_eps("float64")  # the run's rounding and the oracle's
+    previous = [np.asarray(p, dtype=np.float64) for p in params0]
+    accumulated = [np.zeros_like(p) for p in previous]
+    bounds = []
+    for t, thetas in enumerate(reference, start=1):
+        for i, theta in enumerate(thetas):
+            k = kappa(rule, hyper, t, theta.size)
+            accumulated[i] = accumulated[i] + k * np.abs(theta - previous[i]) + np.abs(theta)
+        previous = thetas
+        bounds.append([eps * a for a in accumulated])
+    return bounds
+
+
+def gan_bounds(dtype, grads, reference, alpha) -> list:
+    """For one step of GAN, the largest allowed ``|out - out*|`` per tensor.
+
+    Centring cancels: its error is eps relative to the *input*, ``alpha * max|g|``;
+    the global scale adds the reduction's error relative to the output.
+    """
+    eps = machine_eps(dtype) + machine_eps("float64")
+    n = sum(g.size for g in grads if np.ndim(g) >= 2)
+    k = OPS + reduction(n)
+    out = []
+    for g, ref in zip(grads, reference):
+        if np.ndim(g) < 2 or alpha is None:
+            out.append(np.zeros_like(ref))  # passed through: must be exact
+        else:
+            largest = float(np.max(np.abs(g))) if np.size(g) else 0.0
+            out.append(eps * k * (np.abs(ref) + alpha * largest))
+    return out

@@ -1,0 +1,74 @@
+"""AdaBelief: Adam with the variance of the gradient around its mean (Zhuang et al.,
+arXiv 2010.07468), optionally rectified as in RAdam (Liu et al., arXiv 1908.03265)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ._rule import TensorRule, one_minus_power
+
+
+class AdaBeliefState(NamedTuple):
+    """AdaBelief's state: the step count and, per tensor, ``m`` and ``s``."""
+
+    count: Any
+    m: tuple
+    s: tuple
+
+
+def _constants(xp, c):
+    out = {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
+    if c.rectify:
+        out.update(_rectification(xp, c, out["bc1"], out["bc2"]))
+    return out
+
+
+def _rectification(xp, c, bc1, bc2):
+    """RAdam's variance rectification, as in the official ``adabelief-pytorch``."""
+    rho_inf = 2 / (1 - c.b2) - 1
+    rho = rho_inf - 2 * c.t * (1 - bc2) / bc2
+    den = (rho_inf - 4) * (rho_inf - 2) * rho
+    # Where rectification is off the ratio is unused; keep it finite there.
+    ratio = (rho - 4) * (rho - 2) * rho_inf / xp.where(den == 0, xp.ones_like(den), den)
+    scale = xp.sqrt(xp.clip(ratio * bc2, min=0.0)) / bc1
+    return {"rectified": rho >= 5, "rect_scale": scale}
+
+
+def _direction(xp, g, p, buffers, c):
+    m, s = buffers
+    m = c.b1 * m + (1 - c.b1) * g
+    r = g - m
+    s = c.b2 * s + (1 - c.b2) * (r * r) + c.eps
+    if not c.rectify:
+        return (m / c.bc1) / (xp.sqrt(s / c.bc2) + c.eps), (m, s)
+    rectified = c.rect_scale * m / (xp.sqrt(s) + c.eps)
+    return xp.where(c.rectified, rectified, m / c.bc1), (m, s)
+
+
+ADABELIEF = TensorRule("adabelief", AdaBeliefState, _direction, _constants)
+
+
+def adabelief_init(params: Any, *, state_dtype: Any = None) -> AdaBeliefState:
+    """Zero state for :func:`adabelief_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
+    return ADABELIEF.init(params, state_dtype)
+
+
+def adabelief_update(state: AdaBeliefState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
+                     b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-16, weight_decay: Any = 0.0,
+                     rectify: bool = False):
+    """One AdaBelief step.  Returns ``(updates, new_state)``::
+
+        m_t = b1 m + (1 - b1) g
+        s_t = b2 s + (1 - b2) (g - m_t)^2 + eps        # eps stored in s every step
+        update = -lr weight_decay theta - lr (m_t / (1 - b1^t)) / (sqrt(s_t / (1 - b2^t)) + eps)
+
+    ``rectify=True`` is the RAdam-style variant of ``adabelief-pytorch``: with
+    ``rho_inf = 2 / (1 - b2) - 1`` and ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)``, steps
+    with ``rho_t >= 5`` use ``r_t sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(s_t) + eps)``
+    where ``r_t^2 = (rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)``,
+    and earlier steps the momentum ``m_t / (1 - b1^t)`` alone.  In the first rectified
+    steps ``rho_t`` is a small difference of two numbers near ``2 / (1 - b2)``, so in
+    float32 the rectified step size is only accurate to about 1e-4 relative there.
+    """
+    return ADABELIEF.update(state, grads, params, dict(
+        lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, rectify=rectify))

@@ -1,0 +1,89 @@
+"""MaxVA: Adam whose second-moment averaging weight is chosen per coordinate and per step
+to maximize the estimated variance (Zhu et al., arXiv 2006.11918; the authors' ``MAdam``)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ._rule import TensorRule, guard, one_minus_power
+
+
+class MaxVAState(NamedTuple):
+    """MaxVA's state: the count and, per tensor, the weighted sums ``u`` (of g) and ``v``
+    (of g^2), their total weight ``w``, and the momentum ``m``."""
+
+    count: Any
+    u: tuple
+    v: tuple
+    w: tuple
+    m: tuple
+
+
+def _constants(xp, c):
+    return {"bc1": one_minus_power(xp, c.b1, c.t), "first": c.t == 1,
+            "tiny": guard(xp, c.t.dtype, 1e-16),
+            "keep_min": 1 - c.b2_max, "keep_max": 1 - c.b2_min}
+
+
+def _direction(xp, g, p, buffers, c):
+    u, v, w, m = buffers
+    keep = _new_weight(xp, g, u, v, w, c)
+    beta = 1 - keep
+    u = beta * u + keep * g
+    v = beta * v + keep * (g * g)
+    w = beta * w + keep
+    m = c.b1 * m + (1 - c.b1) * g
+    return (m / c.bc1) / (xp.sqrt(v / w) + c.eps), (u, v, w, m)
+
+
+def _new_weight(xp, g, u, v, w, c):
+    """``1 - beta_t`` per coordinate, for the beta_t that maximizes the estimated variance.
+
+    It is computed as ``1 - beta`` directly, ``(w (d2 - var) + 1e-16) / den``, because
+    forming ``beta`` first and subtracting it from one would lose the digits that
+    matter when beta is near b2_max (in float32, 1e-5 relative at 0.999).
+    """
+    w_safe = xp.where(w > 0, w, xp.ones_like(w))  # w is 0 only before the first step
+    mean = u / w_safe
+    # A variance; rounding can push it a hair below zero, which would break the ratio.
+    var = xp.clip(v / w_safe - mean * mean, min=0.0)
+    d2 = (g - mean) * (g - mean)
+    gap = w * (d2 - var) + c.tiny
+    keep = xp.clip(gap / (gap + d2 + var), min=c.keep_min, max=c.keep_max)
+    return xp.where(c.first, xp.zeros_like(keep) + c.keep_min, keep)
+
+
+def _check_relations(h):
+    if isinstance(h["b2_min"], float) and isinstance(h["b2_max"], float) \
+            and h["b2_min"] > h["b2_max"]:
+        raise ValueError(f"b2_min={h['b2_min']!r} is larger than b2_max={h['b2_max']!r}")
+
+
+MAXVA = TensorRule("maxva", MaxVAState, _direction, _constants, check=_check_relations)
+
+
+def maxva_init(params: Any, *, state_dtype: Any = None) -> MaxVAState:
+    """Zero state for :func:`maxva_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
+    return MAXVA.init(params, state_dtype)
+
+
+def maxva_update(state: MaxVAState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
+                 b1: Any = 0.9, b2_min: Any = 0.5, b2_max: Any = 0.999, eps: Any = 1e-8,
+                 weight_decay: Any = 0.0):
+    """One MaxVA step.  Returns ``(updates, new_state)``.  Per coordinate::
+
+        mean = u / w,  var = v / w - mean^2,  d2 = (g - mean)^2
+        beta = clip((d2 + var) / (w (d2 - var) + d2 + var + 1e-16), b2_min, b2_max)
+        beta = b2_max on the first step (w_0 = 0)
+        u_t = beta u + (1 - beta) g ;  v_t = beta v + (1 - beta) g^2 ;  w_t = beta w + (1 - beta)
+        m_t = b1 m + (1 - b1) g
+        update = -lr weight_decay theta - lr / (1 - b1^t) * m_t / (sqrt(v_t / w_t) + eps)
+
+    ``b2_min == b2_max == b2`` makes it Adam/AdamW (``w_t = 1 - b2^t``).  Computed with
+    ``1 - beta`` as the primary quantity (the same in exact arithmetic, far more
+    accurate in float32), with rounding guards that change nothing in exact arithmetic:
+    ``var`` is clipped at zero, and the 1e-16 is raised to the dtype's smallest normal
+    number where it would underflow.
+    """
+    return MAXVA.update(state, grads, params, dict(
+        lr=lr, b1=b1, b2_min=b2_min, b2_max=b2_max, eps=eps, weight_decay=weight_decay))

@@ -1,0 +1,68 @@
+"""MVN-Grad: momentum on variance-normalized gradients.
+
+Patitucci & Mokhtari, arXiv 2602.10204 (2026).  The equations follow a third-party
+rendering of the paper's Algorithm 1 (the paper's own text was not reachable); see
+ALGORITHMS.md section 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ._rule import TensorRule, one_minus_power
+
+
+class MVNState(NamedTuple):
+    """MVN-Grad's state: the step count and, per tensor, the buffers ``m``, ``v``, ``u``."""
+
+    count: Any
+    m: tuple
+    v: tuple
+    u: tuple
+
+
+def _constants(xp, c):
+    return {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
+
+
+def _direction(xp, g, p, buffers, c):
+    m, v, u = buffers
+    m = c.b1 * m + (1 - c.b1) * g
+    r = g - m
+    v = c.b2 * v + (1 - c.b2) * (r * r) + c.eps_s
+    z = g / (xp.sqrt(v / c.bc2) + c.eps)
+    u = c.b1 * u + (1 - c.b1) * z
+    return u / c.bc1, (m, v, u)
+
+
+MVN = TensorRule("mvn", MVNState, _direction, _constants)
+
+
+def mvn_init(params: Any, *, state_dtype: Any = None) -> MVNState:
+    """Zero state for :func:`mvn_update`: count 0 and ``m, v, u`` shaped like each param.
+
+    ``state_dtype`` (a dtype or its name) stores the buffers in another dtype, e.g.
+    float32 state for bfloat16 parameters; by default they take the params' dtype.
+    """
+    return MVN.init(params, state_dtype)
+
+
+def mvn_update(state: MVNState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
+               b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_s: Any = 1e-16,
+               weight_decay: Any = 0.0, coupled_weight_decay: bool = False):
+    """One MVN-Grad step.  Returns ``(updates, new_state)``; ``params + updates`` is the step.
+
+    With ``t`` the new count (1 on the first call)::
+
+        m_t = b1 m + (1 - b1) g                      # raw mean, no bias correction
+        v_t = b2 v + (1 - b2) (g - m_t)^2 + eps_s    # residual variance, eps_s stored in v
+        z_t = g / (sqrt(v_t / (1 - b2^t)) + eps)     # normalize first ...
+        u_t = b1 u + (1 - b1) z_t                    # ... then momentum
+        update = -lr weight_decay theta - lr u_t / (1 - b1^t)
+
+    ``coupled_weight_decay=True`` adds ``weight_decay * theta`` to ``g`` first (L2 form)
+    instead of the decoupled term.  The first step is ``~ -lr sign(g) / b1``.
+    """
+    return MVN.update(state, grads, params, dict(
+        lr=lr, b1=b1, b2=b2, eps=eps, eps_s=eps_s, weight_decay=weight_decay,
+        coupled_weight_decay=coupled_weight_decay))

@@ -1,0 +1,187 @@
+"""The core's contract (DESIGN.md): structure, purity, state, dtypes, devices, jit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mvn_core
+from mvn_core import backends
+
+RULES = list(mvn_core.rules)
+
+
+def _update(rule, state, grads, params):
+    if rule.kind == "transform":
+        return rule.update(state, grads)
+    return rule.update(state, grads, params, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_structure_is_mirrored(name):
+    rule = mvn_core.rules[name]
+    p, g = np.ones((2, 3)), np.full((2, 3), 0.25)
+    out, _ = _update(rule, rule.init(p), g, p)
+    assert isinstance(out, np.ndarray) and out.shape == (2, 3)
+    for kind in (list, tuple):
+        out, _ = _update(rule, rule.init(kind([p, p[0]])), kind([g, g[0]]), kind([p, p[0]]))
+        assert type(out) is kind and [o.shape for o in out] == [(2, 3), (3,)]
+    new = mvn_core.apply_updates((p,), (g,))
+    assert type(new) is tuple
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_nothing_is_mutated_and_read_only_inputs_work(name):
+    rule = mvn_core.rules[name]
+    params = [np.ones((3, 2)), np.linspace(-1, 1, 5)]
+    grads = [np.full((3, 2), 0.5), np.arange(5.0)]
+    _, state = _update(rule, rule.init(params), grads, params)
+    frozen = [a for f in state for a in (f if isinstance(f, tuple) else (f,))]
+    for a in params + grads + frozen:
+        a.setflags(write=False)
+    copies = [a.copy() for a in params + grads + frozen]
+    out, new_state = _update(rule, state, grads, params)
+    mvn_core.apply_updates(params, out)
+    for a, c in zip(params + grads + frozen, copies):
+        np.testing.assert_array_equal(a, c)
+    assert int(new_state.count) == 2 and int(state.count) == 1
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_state_is_a_named_tuple_of_count_and_tuples(target, name):
+    rule = mvn_core.rules[name]
+    lib = backends.get(target.backend)
+    xp = lib.namespace()
+    params = [lib.from_numpy(np.ones(s), device=target.device, dtype="float32")
+              for s in [(3, 2), (4,), ()]]
+    state = rule.init(params)
+    assert type(state) is rule.state_type and state._fields[0] == "count"
+    assert state.count.ndim == 0 and xp.isdtype(state.count.dtype, "integral")
+    for field in state._fields[1:]:
+        assert isinstance(getattr(state, field), tuple)
+    grads = [xp.ones_like(p) for p in params]
+    out, state = _update(rule, state, grads, params)
+    assert int(lib.to_numpy(state.count)) == 1
+    expected = target.device if target.device is not None else lib.default_device()
+    for a in [state.count, *out, *[b for f in state[1:] for b in f]]:
+        assert str(a.device) == str(expected)
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "gan"])
+def test_state_on_the_params_device(name):
+    xp = pytest.importorskip("array_api_strict")
+    rule = mvn_core.rules[name]
+    device = xp.Device("device1")
+    params = [xp.ones((3, 2), device=device), xp.zeros(4, device=device)]
+    state = rule.init(params)
+    for a in [state.count, *[b for f in state[1:] for b in f]]:
+        assert a.device == device
+    out, _ = rule.update(state, [xp.ones_like(p) for p in params])
+    assert all(o.device == device for o in out)
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "gan"])
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_float32_state_for_bfloat16_params(name, library):
+    lib = backends.get(library)
+    if lib.unavailable_reason():
+        pytest.skip(lib.unavailable_reason())
+    rule = mvn_core.rules[name]
+    xp = lib.namespace()
+    rng = np.random.default_rng(2)
+    values = [rng.standard_normal((4, 3)), rng.standard_normal(5)]
+    params16 = [lib.from_numpy(v, dtype="bfloat16") for v in values]
+    params32 = [lib.from_numpy(lib.to_numpy(p), dtype="float32") for p in params16]
+    state16 = rule.init(params16, state_dtype="float32")
+    state32 = rule.init(params32)
+    for b in [b for f in state16[1:] for b in f]:
+        assert b.dtype == xp.float32
+    for _ in range(3):
+        grads = [lib.from_numpy(rng.standard_normal(v.shape), dtype="bfloat16") for v in values]
+        grads32 = [xp.astype(g, xp.float32) for g in grads]
+        up16, state16 = rule.update(state16, grads, params16, lr=1e-2)
+        up32, state32 = rule.update(state32, grads32, params32, lr=1e-2)
+        assert all(u.dtype == xp.bfloat16 for u in up16)
+        # float32 state and compute: the updates are the float32 ones, rounded to bfloat16
+        for u16, u32 in zip(up16, up32):
+            np.testing.assert_array_equal(lib.to_numpy(u16), lib.to_numpy(xp.astype(u32, xp.bfloat16)))
+        params16 = mvn_core.apply_updates(params16, up16)
+        params32 = [xp.astype(p, xp.float32) for p in params16]
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "gan"])
+def test_zero_gradients_give_no_nan(target, dtype, name):
+    rule = mvn_core.rules[name]
+    lib = backends.get(target.backend)
+    params = [lib.from_numpy(np.ones(s), device=target.device, dtype=dtype) for s in [(3, 2), ()]]
+    grads = [lib.namespace().zeros_like(p) for p in params]
+    state = rule.init(params)
+    for _ in range(5):
+        updates, state = rule.update(state, grads, params)
+        for u in updates:
+            assert np.all(lib.to_numpy(u) == 0.0)
+    for b in [b for f in state[1:] for b in f]:
+        assert np.all(np.isfinite(lib.to_numpy(b)))
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "gan"])
+def test_array_hyperparameters_equal_number_hyperparameters(target, name):
+    rule = mvn_core.rules[name]
+    lib = backends.get(target.backend)
+    dtype = "float64" if "float64" in target.dtypes() else "float32"
+    floats = {k: v for k, v in rule.defaults.items() if isinstance(v, float)}
+    floats.update(lr=0.05, weight_decay=0.1)
+    arrays = {k: lib.from_numpy(np.asarray(v), device=target.device, dtype=dtype)
+              for k, v in floats.items()}
+    params = [lib.from_numpy(np.linspace(-1, 1, 6).reshape(2, 3), device=target.device, dtype=dtype)]
+    grads = [lib.from_numpy(np.linspace(0.5, -2, 6).reshape(2, 3), device=target.device, dtype=dtype)]
+    update = lib.compile(rule.update) if target.compiled else rule.update
+    state_f, state_a = rule.init(params), rule.init(params)
+    for _ in range(4):
+        u_f, state_f = rule.update(state_f, grads, params, **floats)
+        u_a, state_a = update(state_a, grads, params, **arrays)
+        # the same values; array hyperparameters round (1 - b) in the dtype
+        np.testing.assert_allclose(lib.to_numpy(u_a[0]), lib.to_numpy(u_f[0]),
+                                   rtol=1e-12 if dtype == "float64" else 1e-5)
+
+
+def test_changing_an_array_learning_rate_does_not_recompile():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    traces = []
+
+    @jax.jit
+    def step(state, grads, params, lr, b1):
+        traces.append(1)
+        updates, state = mvn_core.mvn_update(state, grads, params, lr=lr, b1=b1)
+        return mvn_core.apply_updates(params, updates), state
+
+    params = [jnp.ones((4, 3), dtype=jnp.float32), jnp.zeros(2, dtype=jnp.float32)]
+    state = mvn_core.mvn_init(params)
+    for i in range(5):
+        lr = jnp.asarray(1e-3 * (i + 1), dtype=jnp.float32)
+        b1 = jnp.asarray(0.9 - 0.01 * i, dtype=jnp.float32)
+        params, state = step(state, [jnp.ones_like(p) for p in params], params, lr, b1)
+    assert len(traces) == 1
+    assert int(state.count) == 5
+
+
+def test_state_is_a_pytree_and_can_be_donated():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    params = [jnp.ones((8,), dtype=jnp.float32), jnp.ones((2, 2), dtype=jnp.float32)]
+    state = mvn_core.maxva_init(params)
+    assert len(jax.tree.leaves(state)) == 1 + 4 * 2
+    step = jax.jit(lambda s, g: mvn_core.maxva_update(s, g)[1], donate_argnums=0)
+    new = step(state, [jnp.ones_like(p) for p in params])
+    assert type(new) is mvn_core.MaxVAState and int(new.count) == 1
+    assert state.m[0].is_deleted()  # donated: its buffer was reused
+
+
+def test_torch_tensor_learning_rate():
+    torch = pytest.importorskip("torch")
+    params = [torch.ones(3, dtype=torch.float64)]
+    grads = [torch.full((3,), 0.5, dtype=torch.float64)]
+    u_tensor, _ = mvn_core.adam_update(mvn_core.adam_init(params), grads, lr=torch.tensor(0.1))
+    u_float, _ = mvn_core.adam_update(mvn_core.adam_init(params), grads, lr=0.1)
+    torch.testing.assert_close(u_tensor[0], u_float[0], rtol=1e-7, atol=0)

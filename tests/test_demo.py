@@ -1,0 +1,34 @@
+"""The main demo: it trains on every installed backend, agrees, reports and plots."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mvn_core.conformance import cli, demo
+from mvn_core import backends
+
+
+def test_demo_trains_everywhere_and_agrees(tmp_path):
+    plot = tmp_path / "curves.png"
+    lines = []
+    results = demo.run_demo(steps=60, plot_path=str(plot), show_progress=False, echo=lines.append)
+    assert {r.run.backend for r in results} == set(backends.available())
+    assert {r.rule for r in results} == {"mvn", "adam"}
+    for r in results:
+        assert np.all(np.isfinite(r.losses)) and r.losses[-1] < 0.6 * r.losses[0]
+        assert r.test[1] > 0.7, f"{r.rule} {r.run.label}: test accuracy {r.test[1]}"
+        limit = 1e-12 if r.run.dtype == "float64" else 1e-4
+        assert r.max_diff <= limit, f"{r.rule} {r.run.label} is {r.max_diff:g} from NumPy float64"
+    text = "\n".join(lines)
+    for r in results:
+        assert r.run.label in text
+    assert "max |dtheta| vs numpy float64" in text and "ms/step" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_command_line(tmp_path, capsys):
+    plot = tmp_path / "p.png"
+    assert cli.main(["demo", "--steps", "5", "--backends", "numpy", "--plot", str(plot),
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mvn   numpy cpu float32" in out and plot.exists()

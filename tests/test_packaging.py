@@ -1,0 +1,86 @@
+"""Layout and packaging: import names, the framework-free core, the wheel's contents."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FRAMEWORKS = ("numpy", "torch", "jax", "jaxlib", "cupy", "optax", "array_api_strict")
+PACKAGES = ("mvn_core", "mvn_core.backends", "mvn_core.adapters", "mvn_core.conformance")
+
+
+def _python(code, cwd):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_importing_the_core_loads_no_framework(tmp_path):
+    loaded = _python("import sys, mvn_core, mvn_core.backends; "
+                     f"print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))", tmp_path)
+    assert loaded.strip() == "[]"
+
+
+def test_the_core_sources_import_no_framework():
+    for path in (ROOT / "mvn_core").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in FRAMEWORKS, f"{path.name} imports {name}"
+
+
+def test_installed_import_names(tmp_path):
+    """Only ``mvn_core`` is importable at top level; the mapped packages live under it."""
+    out = _python(
+        "import importlib.util as u\n"
+        f"print([u.find_spec(n) is not None for n in {PACKAGES!r}])\n"
+        "print([u.find_spec(n) is None for n in ('backends', 'adapters', 'conformance')])\n"
+        "import mvn_core.backends as b; print(b.__file__)", tmp_path)
+    found, absent, backends_file = out.splitlines()
+    assert found == str([True] * 4) and absent == str([True] * 3)
+    assert pathlib.Path(backends_file).parent.name == "backends"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out),
+                    str(ROOT)], check=True, capture_output=True)
+    (path,) = out.glob("mvn_core-*.whl")
+    return path
+
+
+def test_wheel_holds_only_the_mvn_core_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"mvn_core"}
+    for expected in ("mvn_core/mvn.py", "mvn_core/backends/numpy.py",
+                     "mvn_core/adapters/__init__.py", "mvn_core/conformance/oracle.py"):
+        assert expected in names
+    metadata = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "mvn-core = mvn_core.conformance.cli:main" in zipfile.ZipFile(wheel).read(metadata).decode()
+
+
+def test_regular_install_gives_the_same_import_names(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run(
+        [sys.executable, "-c", "import mvn_core, mvn_core.backends, mvn_core.adapters, "
+         "mvn_core.conformance.oracle as o; print(mvn_core.__file__); print(o.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        assert line.startswith(str(target))

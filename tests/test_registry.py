@@ -1,0 +1,46 @@
+"""The registry: every rule, its functions, and ALGORITHMS.md's defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mvn_core
+from mvn_core.conformance import oracle
+
+NAMES = ("mvn", "gan", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd")
+
+
+def test_every_rule_is_registered_with_its_public_functions():
+    assert tuple(mvn_core.rules) == NAMES
+    for name, rule in mvn_core.rules.items():
+        assert rule.name == name
+        assert rule.init is getattr(mvn_core, f"{name}_init")
+        assert rule.update is getattr(mvn_core, f"{name}_update")
+        assert type(rule.init([np.ones(2)])) is rule.state_type
+        assert rule.kind == ("transform" if name == "gan" else "optimizer")
+        assert (rule.tensor_rule is None) == (name == "gan")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_are_those_of_algorithms_md(name):
+    # oracle.DEFAULTS is restated from ALGORITHMS.md independently of the core
+    assert dict(mvn_core.rules[name].defaults) == oracle.DEFAULTS[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_rule_documents_its_mathematics(name):
+    doc = mvn_core.rules[name].doc
+    assert "Returns" in doc and "::" in doc  # the equations as a literal block
+
+
+def test_per_coordinate_flags():
+    per_coordinate = {n for n, r in mvn_core.rules.items() if r.per_coordinate}
+    assert per_coordinate == {"mvn", "maxva", "adam", "adabelief", "laprop", "sgd"}
+
+
+def test_registry_is_read_only():
+    with pytest.raises(TypeError):
+        mvn_core.rules["mine"] = mvn_core.rules["adam"]
+    with pytest.raises(TypeError):
+        mvn_core.rules["adam"].defaults["lr"] = 1.0
