@@ -154,9 +154,12 @@ def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None
     results = []
     for rule in RULES:
         for run in runs:
+            started = time.perf_counter()
             with _progress(f"{rule:<5} {run.label}", steps, show_progress) as tick:
                 result = train(rule, run, data, init, batches, lr, tick)
             results.append(result)
+            echo(f"[{len(results)}/{len(runs) * len(RULES)}] {rule} {run.label}: final batch "
+                 f"loss {result.losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)")
     _compare_with_reference(results)
     for line in report_lines(results):
         echo(line)
@@ -198,12 +201,13 @@ def _compare_with_reference(results):
 
 
 def report_lines(results):
-    head = (f"{'rule':<5} {'backend':<30} {'train loss':>10} {'train acc':>9} {'test loss':>9} "
+    width = max(len(r.run.label) for r in results)
+    head = (f"{'rule':<5} {'backend':<{width}} {'train loss':>10} {'train acc':>9} {'test loss':>9} "
             f"{'test acc':>8} {'ms/step':>8} {'max |dtheta| vs numpy float64':>30}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.rule:<5} {r.run.label:<30} {r.train[0]:>10.4f} {r.train[1]:>9.3f} "
+            f"{r.rule:<5} {r.run.label:<{width}} {r.train[0]:>10.4f} {r.train[1]:>9.3f} "
             f"{r.test[0]:>9.4f} {r.test[1]:>8.3f} {r.ms_per_step:>8.3f} {r.max_diff:>30.2e}")
     return lines
 
