@@ -187,10 +187,15 @@ class TensorRule:
             return xp.zeros((), dtype=dtype or p.dtype, device=device_or_none(p))
         return xp.zeros_like(p, dtype=dtype)
 
-    def update(self, state: Any, grads: Any, params: Any, hyper: dict[str, Any]) -> tuple:
+    def checked_hyperparameters(self, hyper: dict[str, Any]) -> dict[str, Any]:
+        """``hyper`` normalised, or the error an update with them would raise."""
         hyper = normalise_hyperparameters(hyper)
         if self.check is not None:
             self.check(hyper)
+        return hyper
+
+    def update(self, state: Any, grads: Any, params: Any, hyper: dict[str, Any]) -> tuple:
+        hyper = self.checked_hyperparameters(hyper)
         call = open_call(self.name, self.state_type, state, grads, params, hyper)
         self._check_buffers(call, state)
         decayed = not is_zero(hyper.get("weight_decay", 0.0))

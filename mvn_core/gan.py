@@ -65,7 +65,7 @@ def gan_update(state: GANState, grads: Any, params: Any = None, *, center: str =
         g_hat, gan_state = gan_update(gan_state, grads)
         updates, sgd_state = sgd_update(sgd_state, g_hat, params, lr=0.1, momentum=0.9)
     """
-    _check_options(center, scale)
+    check_options(center, scale)
     call = open_call("gan", GANState, state, grads, params, {})
     xp = call.xp
     count = as_array(xp, state.count + 1)
@@ -81,7 +81,8 @@ def gan_update(state: GANState, grads: Any, params: Any = None, *, center: str =
     return call.rebuild(out), GANState(count, extra)
 
 
-def _check_options(center, scale):
+def check_options(center, scale):
+    """Refuse unknown ``center`` and ``scale`` options."""
     if center not in CENTERS:
         raise ValueError(f"center={center!r}: expected one of {CENTERS}")
     if not callable(scale) and scale not in SCALES:

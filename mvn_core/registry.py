@@ -42,6 +42,19 @@ class Rule:
     def doc(self) -> str:
         return inspect.getdoc(self.update) or ""
 
+    def check_hyperparameters(self, **hyper: Any) -> None:
+        """Raise the ``TypeError``/``ValueError`` that an update with ``hyper`` would raise,
+        without arrays: adapters call it when a value is set, not only at the next step."""
+        unknown = sorted(set(hyper) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{self.name} has no hyperparameter {', '.join(map(repr, unknown))}; "
+                            f"it takes {', '.join(self.defaults)}")
+        full = {**self.defaults, **hyper}
+        if self.tensor_rule is None:
+            gan.check_options(full["center"], full["scale"])
+        else:
+            self.tensor_rule.checked_hyperparameters(full)
+
 
 def _rule(module, name, title, reference, kind="optimizer", per_coordinate=True, tensor_rule=None):
     return Rule(

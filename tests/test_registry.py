@@ -44,3 +44,16 @@ def test_registry_is_read_only():
         mvn_core.rules["mine"] = mvn_core.rules["adam"]
     with pytest.raises(TypeError):
         mvn_core.rules["adam"].defaults["lr"] = 1.0
+
+
+def test_check_hyperparameters_raises_what_an_update_would():
+    adam = mvn_core.rules["adam"]
+    adam.check_hyperparameters(lr=0.1, b1=0.5)
+    with pytest.raises(ValueError, match="b1=1.0 is out of range"):
+        adam.check_hyperparameters(b1=1.0)
+    with pytest.raises(TypeError, match="adam has no hyperparameter 'momentum'"):
+        adam.check_hyperparameters(momentum=0.9)
+    with pytest.raises(ValueError, match="b2_min=0.9 is larger"):
+        mvn_core.rules["maxva"].check_hyperparameters(b2_min=0.9, b2_max=0.5)
+    with pytest.raises(ValueError, match="center="):
+        mvn_core.rules["gan"].check_hyperparameters(center="rows")
