@@ -1,0 +1,251 @@
+"""PyTorch optimizers generated from :data:`mvn_core.rules`.
+
+Each class (:class:`MVNGrad`, :class:`MaxVA`, :class:`NovoGrad`, :class:`Adam`,
+:class:`AdaBelief`, :class:`LaProp`, :class:`SGD`) is a real ``torch.optim.Optimizer``:
+param groups with their own hyperparameters (read at every step, so every
+``lr_scheduler`` works), ``step(closure)``, ``maximize``, ``zero_grad``,
+``state_dict``/``load_state_dict``.  The mathematics is the pure rule's: a step hands
+each group's parameters and gradients to ``rule.update`` and adds the updates in place.
+
+Hyperparameters keep the core's names and defaults, except that ``(b1, b2)`` is passed
+as ``betas`` in torch's way (MaxVA: ``betas=(b1, b2_max)`` and ``b2_min``).  Weight
+decay is decoupled (AdamW style) unless ``coupled_weight_decay=True``: ``Adam`` with
+``weight_decay`` is ``torch.optim.AdamW``, and ``torch.optim.Adam``'s or ``SGD``'s L2
+decay needs ``coupled_weight_decay=True``.  Options of every class: ``maximize``,
+``gan`` (Gradient Autoscaled Normalization in front of the rule, per group: ``True`` or
+a dict of its options ``center``/``scale``) and ``state_dtype`` (e.g. ``torch.float32``
+state for bfloat16 parameters).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+import mvn_core
+from mvn_core.registry import Rule
+
+OPTIONS = {"maximize": False, "gan": False, "state_dtype": None}
+CLASS_NAMES = {"mvn": "MVNGrad", "maxva": "MaxVA", "novograd": "NovoGrad", "adam": "Adam",
+               "adabelief": "AdaBelief", "laprop": "LaProp", "sgd": "SGD"}
+# The core's names gathered into torch's ``betas`` pair, per rule that has one.
+BETAS = {"maxva": ("b1", "b2_max"), "mvn": ("b1", "b2"), "novograd": ("b1", "b2"),
+         "adam": ("b1", "b2"), "adabelief": ("b1", "b2"), "laprop": ("b1", "b2")}
+STEP = "step"
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs one rule of :data:`mvn_core.rules`."""
+
+    rule: Rule
+    beta_names: tuple[str, ...] = ()
+
+    def __init__(self, params, **hyperparameters):
+        defaults = self.torch_defaults()
+        unknown = sorted(set(hyperparameters) - set(defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}")
+        super().__init__(params, {**defaults, **hyperparameters})
+
+    @classmethod
+    def torch_defaults(cls) -> dict[str, Any]:
+        """The constructor's defaults: the rule's, in torch's names, and the options."""
+        core = dict(cls.rule.defaults)
+        betas = tuple(core.pop(name) for name in cls.beta_names)
+        return {"lr": core.pop("lr"), **({"betas": betas} if betas else {}), **core, **OPTIONS}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = {**self.defaults, **param_group}
+        self._check_group(group)
+        super().add_param_group(dict(param_group, rule=self.rule.name))
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if group.get("rule", self.rule.name) != self.rule.name:
+            raise ValueError(f"a param group of rule {group['rule']!r} given to {type(self).__name__}")
+        self.rule.check_hyperparameters(**self._rule_hyperparameters(group))
+        if group["gan"] is not False:
+            mvn_core.rules["gan"].check_hyperparameters(**_gan_options(group["gan"]))
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"maximize must be True or False, got {group['maximize']!r}")
+
+    def _rule_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters in the core's names."""
+        names = [n for n in self.rule.defaults if n not in self.beta_names]
+        hyper = {n: group[n] for n in names}
+        if self.beta_names:
+            betas = group["betas"]
+            if len(betas) != len(self.beta_names):
+                raise ValueError(f"betas must be a pair {self.beta_names}, got {betas!r}")
+            hyper.update(zip(self.beta_names, betas))
+        return hyper
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of the rule for every param group; returns ``closure()``'s loss.
+
+        Every group is checked before any parameter changes, so a bad hyperparameter
+        or a sparse gradient raises and leaves params and state as they were.  Inside a
+        ``torch.compile``-d training step the optimizer step runs eagerly (one graph
+        break), so compiling the model changes nothing in the optimizer's arithmetic.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [self._checked_work(group) for group in self.param_groups]
+        for group, (params, hyper) in zip(self.param_groups, work):
+            if params:
+                self._step_group(group, params, hyper)
+        return loss
+
+    def _checked_work(self, group: dict[str, Any]) -> tuple[list, dict]:
+        self._check_group(group)
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.layout is not torch.strided:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients "
+                                f"(a parameter of shape {tuple(p.shape)} has one)")
+        return params, self._rule_hyperparameters(group)
+
+    def _step_group(self, group, params, hyper):
+        grads = [-p.grad if group["maximize"] else p.grad for p in params]
+        if group["gan"] is not False:
+            grads = self._gan(group, params, grads)
+        self._init_missing_state(group, params)
+        grad_of = dict(zip(map(id, params), grads))
+        for batch in self._batches(params):
+            state = self.rule.state_type(self.state[batch[0]][STEP], *(
+                tuple(self.state[p][name] for p in batch) for name in self._buffer_names()))
+            updates, new = self.rule.update(state, [grad_of[id(p)] for p in batch], batch, **hyper)
+            for i, (p, u) in enumerate(zip(batch, updates)):
+                p.add_(u)
+                self.state[p][STEP] = new.count
+                for name in self._buffer_names():
+                    self.state[p][name] = getattr(new, name)[i]
+
+    def _gan(self, group, params, grads):
+        state = group.get("gan_state") or mvn_core.gan_init(params)
+        device = params[0].device
+        state = mvn_core.GANState(state.count.to(device), tuple(e.to(device) for e in state.extra))
+        grads, group["gan_state"] = mvn_core.gan_update(state, grads, **_gan_options(group["gan"]))
+        return grads
+
+    def _buffer_names(self) -> tuple[str, ...]:
+        return self.rule.state_type._fields[1:]
+
+    def _init_missing_state(self, group, params):
+        """Give parameters stepped for the first time zero state, one count per device."""
+        new = [p for p in params if not self.state[p]]
+        for batch in _split_by(new, lambda p: p.device):
+            state = self.rule.init(batch, state_dtype=group["state_dtype"])
+            for i, p in enumerate(batch):
+                self.state[p][STEP] = state.count
+                for name in self._buffer_names():
+                    self.state[p][name] = getattr(state, name)[i]
+
+    def _batches(self, params) -> list[list]:
+        """Parameters that share one count tensor (stepped together so far) and a device."""
+        return _split_by(params, lambda p: (id(self.state[p][STEP]), p.device))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another rule
+        or of other shapes before anything changes, and keeping each buffer's own dtype
+        (torch would cast float32 state of bfloat16 params to bfloat16)."""
+        pairs = self._saved_pairs(state_dict)
+        for group in state_dict["param_groups"]:
+            if group.get("rule") != self.rule.name:
+                saved = group.get("rule", "an optimizer that is not an mvn-core one")
+                raise ValueError(f"this state dict was saved by {saved}; "
+                                 f"{type(self).__name__} runs {self.rule.name}")
+        for saved_id, p in pairs:
+            self._check_saved_state(saved_id, p, state_dict["state"].get(saved_id))
+        super().load_state_dict(state_dict)
+        self._restore_saved_tensors(pairs, state_dict["state"])
+
+    def _saved_pairs(self, state_dict):
+        """(saved id, parameter) pairs, matched in order as torch matches them."""
+        saved, groups = state_dict["param_groups"], self.param_groups
+        if len(saved) != len(groups):
+            raise ValueError(f"the state dict has {len(saved)} param groups, "
+                             f"this optimizer {len(groups)}")
+        for i, (s, g) in enumerate(zip(saved, groups)):
+            if len(s["params"]) != len(g["params"]):
+                raise ValueError(f"param group {i} has {len(s['params'])} parameters in the "
+                                 f"state dict, {len(g['params'])} in this optimizer")
+        return [pair for s, g in zip(saved, groups) for pair in zip(s["params"], g["params"])]
+
+    def _check_saved_state(self, saved_id, p, saved):
+        if not saved:
+            return
+        expected = {STEP, *self._buffer_names()}
+        if set(saved) != expected:
+            raise ValueError(f"saved state of parameter {saved_id} holds {sorted(saved)}, "
+                             f"but {self.rule.name} keeps {sorted(expected)}")
+        step = saved[STEP]
+        if not (torch.is_tensor(step) and step.ndim == 0 and not step.is_floating_point()):
+            raise ValueError(f"saved state of parameter {saved_id}: step must be a 0-d integer tensor")
+        for name in self._buffer_names():
+            scalar = name in self.rule.tensor_rule.scalar_buffers
+            shape = () if scalar else tuple(p.shape)
+            if tuple(saved[name].shape) != shape:
+                raise ValueError(f"saved state {name!r} of parameter {saved_id} has shape "
+                                 f"{tuple(saved[name].shape)}, the parameter needs {shape}")
+
+    def _restore_saved_tensors(self, pairs, saved_state):
+        counts: dict[tuple, torch.Tensor] = {}
+        for saved_id, p in pairs:
+            saved = saved_state.get(saved_id)
+            if not saved:
+                continue
+            for name in self._buffer_names():
+                value = saved[name]
+                self.state[p][name] = value.to(device=p.device, dtype=value.dtype, copy=True)
+            # equal counts share one tensor again, so their parameters step together
+            key = (int(saved[STEP]), p.device)
+            if key not in counts:
+                counts[key] = saved[STEP].to(device=p.device, dtype=torch.int32, copy=True)
+            self.state[p][STEP] = counts[key]
+
+
+def _gan_options(option) -> dict[str, Any]:
+    return {} if option is True else dict(option)
+
+
+def _split_by(items, key) -> list[list]:
+    """``items`` in order, split into lists of equal ``key``."""
+    out: dict[Any, list] = {}
+    for item in items:
+        out.setdefault(key(item), []).append(item)
+    return list(out.values())
+
+
+def _make_class(rule: Rule) -> type:
+    name = CLASS_NAMES[rule.name]
+    cls = type(name, (RuleOptimizer,), {
+        "rule": rule, "beta_names": BETAS.get(rule.name, ()), "__module__": __name__,
+        "__qualname__": name,
+    })
+    defaults = cls.torch_defaults()
+    parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY if k in OPTIONS
+                                     else inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v)
+                   for k, v in defaults.items()]
+    cls.__signature__ = inspect.Signature(parameters)
+    cls.__doc__ = (f"{rule.title} as a ``torch.optim.Optimizer`` ({rule.reference}).\n\n"
+                   f"Defaults: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}.\n\n"
+                   f"The rule (``mvn_core.{rule.name}_update``):\n\n{rule.doc}")
+    return cls
+
+
+MVNGrad = _make_class(mvn_core.rules["mvn"])
+MaxVA = _make_class(mvn_core.rules["maxva"])
+NovoGrad = _make_class(mvn_core.rules["novograd"])
+Adam = _make_class(mvn_core.rules["adam"])
+AdaBelief = _make_class(mvn_core.rules["adabelief"])
+LaProp = _make_class(mvn_core.rules["laprop"])
+SGD = _make_class(mvn_core.rules["sgd"])
+
+__all__ = ["RuleOptimizer", "MVNGrad", "MaxVA", "NovoGrad", "Adam", "AdaBelief", "LaProp", "SGD"]
