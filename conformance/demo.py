@@ -9,7 +9,6 @@ how far each one ends from the NumPy float64 run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,54 +16,14 @@ import mvn_core
 from mvn_core import backends
 
 from . import mlp
-from .targets import device_name
+from .demo_frameworks import TORCH_PATH, train_torch_module
+from .training import Run, load_digits_data, train
+
+NUMPY_FLOAT64 = Run("numpy", "float64", "cpu")
+# The framework adapters the demo trains MVN-Grad with, by the backend they run on.
+FRAMEWORKS = {"torch": (TORCH_PATH, train_torch_module)}
 
 RULES = ("mvn", "adam")
-
-
-@dataclass(frozen=True)
-class Run:
-    backend: str
-    dtype: str
-    device: object = None
-    compiled: bool = False
-
-    @property
-    def label(self) -> str:
-        path = " jit" if self.compiled else ""
-        return f"{self.backend} {device_name(self.device)} {self.dtype}{path}"
-
-
-@dataclass
-class Result:
-    rule: str
-    run: Run
-    losses: list
-    params: list  # NumPy float64
-    train: tuple  # (loss, accuracy)
-    test: tuple
-    ms_per_step: float
-    max_diff: float = field(default=float("nan"))
-
-
-@dataclass(frozen=True)
-class Data:
-    x_train: np.ndarray
-    y_train: np.ndarray  # one-hot
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
-def load_digits_data(seed: int = 0) -> Data:
-    """scikit-learn's bundled 8x8 handwritten digits, scaled to [0, 1], split 80/20."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x, onehot = digits.data / 16.0, np.eye(10)[digits.target]
-    order = np.random.default_rng(seed).permutation(len(x))
-    cut = int(0.8 * len(x))
-    train, test = order[:cut], order[cut:]
-    return Data(x[train], onehot[train], x[test], onehot[test])
 
 
 def plan_runs(selected=None) -> list[Run]:
@@ -96,50 +55,6 @@ def _enable_jax_x64():
     jax.config.update("jax_enable_x64", True)  # lets float64 runs exist; float32 stays float32
 
 
-def train(rule_name, run, data, init, batches, lr, progress=None) -> Result:
-    lib = backends.get(run.backend)
-    xp = lib.namespace()
-    rule = mvn_core.rules[rule_name]
-
-    def to(a):
-        return lib.from_numpy(a, device=run.device, dtype=run.dtype)
-
-    def step(params, state, x, y, batch):
-        x, y = xp.take(x, batch, axis=0), xp.take(y, batch, axis=0)
-        loss, grads = mlp.loss_and_grads(xp, params, x, y)
-        updates, state = rule.update(state, grads, params, lr=lr)
-        return mvn_core.apply_updates(params, updates), state, loss
-
-    if run.compiled:
-        step = lib.compile(step)
-    x_train, y_train = to(data.x_train), to(data.y_train)
-    batches = [lib.from_numpy(b, device=run.device) for b in batches]
-    params = [to(p) for p in init]
-    state = rule.init(params)
-    losses = []
-    started = None
-    for i, batch in enumerate(batches):
-        if i == 1:  # the first step compiles where there is a compiler: not timed
-            lib.synchronize(losses[0])
-            started = time.perf_counter()
-        params, state, loss = step(params, state, x_train, y_train, batch)
-        losses.append(loss)
-        if progress is not None:
-            progress(i + 1)
-    lib.synchronize(params[0])
-    elapsed = time.perf_counter() - started if started is not None else float("nan")
-    ms_per_step = 1e3 * elapsed / max(len(batches) - 1, 1)
-    evaluate = _numbers(lib, mlp.evaluate(xp, params, x_train, y_train))
-    tested = _numbers(lib, mlp.evaluate(xp, params, to(data.x_test), to(data.y_test)))
-    return Result(rule_name, run, [float(lib.to_numpy(v)) for v in losses],
-                  [lib.to_numpy(p).astype(np.float64) for p in params],
-                  evaluate, tested, ms_per_step)
-
-
-def _numbers(lib, values):
-    return tuple(float(lib.to_numpy(v)) for v in values)
-
-
 def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None,
              plot_path="mvn-core-demo.png", show_progress=True, echo=print):
     data = load_digits_data(seed)
@@ -147,26 +62,37 @@ def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None
     rng = np.random.default_rng(seed + 1)
     batches = [rng.choice(len(data.x_train), batch_size, replace=False) for _ in range(steps)]
     runs = plan_runs(selected)
+    jobs = plan_jobs(runs)
     echo(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, MLP "
          f"64-{hidden}-10 (tanh), {steps} steps of {batch_size}, lr={lr}")
-    echo(f"backends: {', '.join(sorted({r.backend for r in runs}))}; "
-         f"{len(runs) * len(RULES)} runs (rules {', '.join(RULES)})")
+    echo(f"backends: {', '.join(sorted({r.backend for r in runs}))}; {len(jobs)} runs: rules "
+         f"{', '.join(RULES)} through the pure functions, MVN-Grad through the adapters")
     results = []
-    for rule in RULES:
-        for run in runs:
-            started = time.perf_counter()
-            with _progress(f"{rule:<5} {run.label}", steps, show_progress) as tick:
-                result = train(rule, run, data, init, batches, lr, tick)
-            results.append(result)
-            echo(f"[{len(results)}/{len(runs) * len(RULES)}] {rule} {run.label}: final batch "
-                 f"loss {result.losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)")
-    _compare_with_reference(results)
+    for rule, run, trainer, path in jobs:
+        label = f"{rule} {run.label}{f' [{path}]' if path else ''}"
+        started = time.perf_counter()
+        with _progress(label, steps, show_progress) as tick:
+            results.append(trainer(rule, run, data, init, batches, lr, tick))
+        echo(f"[{len(results)}/{len(jobs)}] {label}: final batch loss "
+             f"{results[-1].losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)")
+    _compare(results)
     for line in report_lines(results):
         echo(line)
     if plot_path:
         plot(results, plot_path)
         echo(f"loss curves written to {plot_path}")
     return results
+
+
+def plan_jobs(runs):
+    """(rule, run, trainer, path): every rule through the pure functions on every run,
+    then MVN-Grad through each framework adapter on that framework's runs."""
+    jobs = [(rule, run, train, "") for rule in RULES for run in runs]
+    for run in runs:
+        if run.backend in FRAMEWORKS:
+            path, trainer = FRAMEWORKS[run.backend]
+            jobs.append(("mvn", run, trainer, path))
+    return jobs
 
 
 class _progress:
@@ -193,22 +119,31 @@ class _progress:
             self.bar.close()
 
 
-def _compare_with_reference(results):
-    references = {r.rule: r for r in results if r.run.backend == "numpy" and r.run.dtype == "float64"}
+def _compare(results):
+    """Each run's largest parameter difference from NumPy float64 and, for an adapter
+    run, from the pure-function run of the same rule, backend, device and dtype."""
+    pure = {(r.rule, r.run): r for r in results if not r.path}
     for r in results:
-        ref = references[r.rule].params
-        r.max_diff = max(float(np.max(np.abs(p - q))) for p, q in zip(r.params, ref))
+        r.max_diff = _largest_difference(r, pure[(r.rule, NUMPY_FLOAT64)])
+        if r.path:
+            r.diff_from_pure = _largest_difference(r, pure[(r.rule, r.run)])
+
+
+def _largest_difference(a, b):
+    return max(float(np.max(np.abs(p - q), initial=0.0)) for p, q in zip(a.params, b.params))
 
 
 def report_lines(results):
-    width = max(len(r.run.label) for r in results)
-    head = (f"{'rule':<5} {'backend':<{width}} {'train loss':>10} {'train acc':>9} {'test loss':>9} "
-            f"{'test acc':>8} {'ms/step':>8} {'max |dtheta| vs numpy float64':>30}")
+    width = max(len(r.label) for r in results)
+    head = (f"{'rule':<5} {'run':<{width}} {'train loss':>10} {'train acc':>9} {'test loss':>9} "
+            f"{'test acc':>8} {'ms/step':>8} {'max |dtheta| from: numpy float64':>33} "
+            f"{'pure run':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
+        pure = f"{r.diff_from_pure:>9.2e}" if r.path else f"{'':>9}"
         lines.append(
-            f"{r.rule:<5} {r.run.label:<{width}} {r.train[0]:>10.4f} {r.train[1]:>9.3f} "
-            f"{r.test[0]:>9.4f} {r.test[1]:>8.3f} {r.ms_per_step:>8.3f} {r.max_diff:>30.2e}")
+            f"{r.rule:<5} {r.label:<{width}} {r.train[0]:>10.4f} {r.train[1]:>9.3f} "
+            f"{r.test[0]:>9.4f} {r.test[1]:>8.3f} {r.ms_per_step:>8.3f} {r.max_diff:>33.2e} {pure}")
     return lines
 
 
@@ -228,12 +163,12 @@ def plot(results, path):
     left.set(yscale="log", xlabel="step", ylabel="training loss (moving average of 10 steps)",
              title="Training loss; the runs of each rule lie on top of each other")
     left.legend()
-    labels = [f"{r.rule} {r.run.label}" for r in results]
+    labels = [f"{r.rule} {r.label}" for r in results]
     widths = [max(r.max_diff, 1e-18) for r in results]
     bars = right.barh(labels, widths, color=[
         "tab:green" if r.run.dtype == "float64" else "tab:purple" for r in results])
     for bar, r in zip(bars, results):
-        reference = r.run.backend == "numpy" and r.run.dtype == "float64"
+        reference = r.run == NUMPY_FLOAT64 and not r.path
         text = "reference" if reference else "identical" if r.max_diff == 0 else f"{r.max_diff:.1e}"
         right.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}",
                    va="center", fontsize=7)

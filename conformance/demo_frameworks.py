@@ -1,0 +1,37 @@
+"""The demo's framework runs: the same classifier, from the same weights on the same
+batches, as a ``torch.nn.Module`` differentiated by autograd and trained with
+:class:`mvn_core.adapters.torch.MVNGrad`, and as a JAX model differentiated by
+``jax.grad`` and trained with :func:`mvn_core.adapters.optax.mvn_grad`."""
+
+from __future__ import annotations
+
+from .training import Result, finished, training_loop
+
+TORCH_PATH = "torch.nn + adapters.torch.MVNGrad"
+
+
+def train_torch_module(rule_name, run, data, init, batches, lr, progress=None) -> Result:
+    """MVN-Grad (``rule_name`` must be "mvn") on a ``torch.nn.Sequential``."""
+    import torch
+
+    from mvn_core.adapters.torch import MVNGrad
+
+    linears = [torch.nn.Linear(*w.shape) for w in init[0::2]]
+    model = torch.nn.Sequential(linears[0], torch.nn.Tanh(), linears[1])
+    model.to(device=run.device, dtype=getattr(torch, run.dtype))
+    with torch.no_grad():
+        for linear, w, b in zip(linears, init[0::2], init[1::2]):
+            linear.weight.copy_(torch.tensor(w.T))  # torch stores (out, in)
+            linear.bias.copy_(torch.tensor(b))
+    opt = MVNGrad(model.parameters(), lr=lr)
+
+    def step(carry, x, y, batch):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+        loss.backward()
+        opt.step()
+        return carry, loss.detach()
+
+    _, losses, ms = training_loop(run, step, None, data, batches, progress)
+    params = [t for linear in linears for t in (linear.weight.detach().T, linear.bias.detach())]
+    return finished("mvn", run, TORCH_PATH, params, losses, ms, data)
