@@ -110,17 +110,17 @@ def resolve_dtype(xp: Any, dtype: Any, name: str = "state_dtype") -> Any:
     """A real floating dtype of ``xp`` from a dtype object or its name; None stays None."""
     if dtype is None:
         return None
+    given = dtype  # the errors name what the caller passed, not what it resolved to
     if isinstance(dtype, str):
-        resolved = getattr(xp, dtype, None)
-        if resolved is None:
-            raise ValueError(f"{name}={dtype!r} is not a dtype of {xp.__name__}")
-        dtype = resolved
+        dtype = getattr(xp, dtype, None)
+        if dtype is None:
+            raise ValueError(f"{name}={given!r} is not a dtype of {xp.__name__}")
     try:
         floating = xp.isdtype(dtype, "real floating")
     except Exception:
         floating = False
     if not floating:
-        raise TypeError(f"{name}={dtype!r} is not a real floating dtype of {xp.__name__}")
+        raise TypeError(f"{name}={given!r} is not a real floating dtype of {xp.__name__}")
     return dtype
 
 

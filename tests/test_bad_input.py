@@ -164,8 +164,9 @@ def test_flags_must_be_bools():
 
 
 @pytest.mark.parametrize("dtype,error,match", [
-    ("int32", TypeError, "not a real floating dtype"),
-    ("float99", ValueError, "not a dtype of"),
+    ("int32", TypeError, "state_dtype='int32' is not a real floating dtype"),
+    ("sum", TypeError, "state_dtype='sum' is not a real floating dtype"),  # a function of xp
+    ("float99", ValueError, "state_dtype='float99' is not a dtype of"),
     (np.int64, TypeError, "not a real floating dtype"),
 ])
 def test_bad_state_dtype(rule, dtype, error, match):
