@@ -186,7 +186,7 @@ def optimizer_class(rule: Rule | str, name: str | None = None) -> type[ArrayOpti
     if rule.kind != "optimizer":
         raise ValueError(f"{rule.name} is a gradient {rule.kind}, not an optimizer: put it in "
                          "front of one with its gan=... option")
-    name = name or rule.name
+    name = name or rule.class_name
     cls = type(name, (ArrayOptimizer,), {
         "rule": rule, "__doc__": _class_doc(rule), "__module__": __name__, "__qualname__": name})
     cls.__signature__ = _signature(rule)
@@ -320,11 +320,8 @@ def _on_off(value: Any) -> str:
     return "off" if value is None else "on"
 
 
-# Class names per rule: those of the papers and of torch.optim.
-CLASS_NAMES = {"mvn": "MVNGrad", "maxva": "MaxVA", "novograd": "NovoGrad", "adam": "Adam",
-               "adabelief": "AdaBelief", "laprop": "LaProp", "sgd": "SGD"}
 OPTIMIZERS: Mapping[str, type[ArrayOptimizer]] = MappingProxyType(
-    {rule: optimizer_class(rule, name) for rule, name in CLASS_NAMES.items()})
+    {name: optimizer_class(rule) for name, rule in rules.items() if rule.kind == "optimizer"})
 
 MVNGrad = OPTIMIZERS["mvn"]
 MaxVA = OPTIMIZERS["maxva"]

@@ -28,8 +28,6 @@ import mvn_core
 from mvn_core.registry import Rule
 
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None}
-CLASS_NAMES = {"mvn": "MVNGrad", "maxva": "MaxVA", "novograd": "NovoGrad", "adam": "Adam",
-               "adabelief": "AdaBelief", "laprop": "LaProp", "sgd": "SGD"}
 # The core's names gathered into torch's ``betas`` pair, per rule that has one.
 BETAS = {"maxva": ("b1", "b2_max"), "mvn": ("b1", "b2"), "novograd": ("b1", "b2"),
          "adam": ("b1", "b2"), "adabelief": ("b1", "b2"), "laprop": ("b1", "b2")}
@@ -223,7 +221,7 @@ def _split_by(items, key) -> list[list]:
 
 
 def _make_class(rule: Rule) -> type:
-    name = CLASS_NAMES[rule.name]
+    name = rule.class_name
     cls = type(name, (RuleOptimizer,), {
         "rule": rule, "beta_names": BETAS.get(rule.name, ()), "__module__": __name__,
         "__qualname__": name,

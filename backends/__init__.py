@@ -19,7 +19,6 @@ import importlib
 from types import ModuleType
 
 NAMES = ("numpy", "array_api_strict", "torch", "jax", "cupy")
-FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
 def get(name: str) -> ModuleType:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mvn_core import backends
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mvn-core", description=__doc__)
@@ -29,6 +31,9 @@ def main(argv=None) -> int:
         from .demo import run_demo
 
         selected = set(args.backends.split(",")) if args.backends else None
+        unknown = sorted((selected or set()) - set(backends.NAMES))
+        if unknown:
+            parser.error(f"unknown backends {unknown}; known: {', '.join(backends.NAMES)}")
         run_demo(steps=args.steps, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden,
                  seed=args.seed, selected=selected, plot_path=args.plot,
                  show_progress=not args.no_progress)

@@ -27,14 +27,16 @@ RULES = ("mvn", "adam")
 
 
 def plan_runs(selected=None) -> list[Run]:
-    """NumPy float64 first (the reference), then every installed backend and device."""
+    """NumPy float64 first (the reference), then every installed backend (or those
+    ``selected``) on each of its devices, in float64 where it has it and float32."""
+    unknown = set(selected or ()) - set(backends.NAMES)
+    if unknown:
+        raise ValueError(f"unknown backends {sorted(unknown)}; known: {', '.join(backends.NAMES)}")
     runs = []
     for name in backends.available():
         if selected and name not in selected and name != "numpy":
             continue
         lib = backends.get(name)
-        if name == "jax":
-            _enable_jax_x64()
         for device in _demo_devices(name, lib):
             supported = lib.dtypes(device)
             for dtype in ("float64", "float32"):
@@ -50,9 +52,12 @@ def _demo_devices(name, lib):
 
 
 def _enable_jax_x64():
-    import jax
+    """JAX has float64 only with x64 on, a process-wide switch: the demo turns it on so
+    that its float64 runs exist (arrays made with an explicit float32 stay float32)."""
+    if "jax" in backends.available():
+        import jax
 
-    jax.config.update("jax_enable_x64", True)  # lets float64 runs exist; float32 stays float32
+        jax.config.update("jax_enable_x64", True)
 
 
 def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None,
@@ -61,6 +66,7 @@ def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None
     init = mlp.init_params([data.x_train.shape[1], hidden, data.y_train.shape[1]], seed)
     rng = np.random.default_rng(seed + 1)
     batches = [rng.choice(len(data.x_train), batch_size, replace=False) for _ in range(steps)]
+    _enable_jax_x64()
     runs = plan_runs(selected)
     jobs = plan_jobs(runs)
     echo(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, MLP "

@@ -18,7 +18,8 @@ class Problem(NamedTuple):
 def make_problem(steps: int = 100, seed: int = 0, shapes=SHAPES) -> Problem:
     """Parameters ~ N(0, 1); gradients = a fixed per-coordinate signal + fresh noise,
     each tensor at its own scale (from 0.01 to 10), so that per-tensor statistics and
-    the cancellation in ``g - m`` are exercised."""
+    the cancellation in ``g - m`` are exercised.  The signal (0.5) is smaller than the
+    noise (1): the problem is well conditioned, as :mod:`.tolerance` assumes."""
     rng = np.random.default_rng(seed)
     params = [rng.standard_normal(shape) for shape in shapes]
     scales = 10.0 ** rng.uniform(-2, 1, size=len(shapes))
@@ -29,8 +30,19 @@ def make_problem(steps: int = 100, seed: int = 0, shapes=SHAPES) -> Problem:
 
 
 def rounded(problem: Problem, dtype) -> Problem:
-    """The problem with every value rounded to ``dtype`` (and held in float64 again), so
-    that the float64 oracle sees exactly the inputs a lower-precision run sees."""
+    """The problem with every value rounded to ``dtype`` (a name; bfloat16 included) and
+    held in float64 again, so that the float64 oracle sees exactly the inputs a
+    lower-precision run sees (the values convert exactly into ``dtype``)."""
     def r(a):
-        return np.asarray(a).astype(dtype).astype(np.float64)
+        return round_to(a, dtype).astype(np.float64)
     return Problem([r(p) for p in problem.params], [[r(g) for g in gs] for gs in problem.grads])
+
+
+def round_to(values, dtype) -> np.ndarray:
+    """``values`` rounded to the nearest numbers of ``dtype``, as a NumPy array.  NumPy
+    has no bfloat16: its values are kept in float32, with 8 significant bits."""
+    if dtype != "bfloat16":
+        return np.asarray(values).astype(dtype)
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    nearest_even = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + nearest_even) & 0xFFFF0000).astype(np.uint32).view(np.float32)

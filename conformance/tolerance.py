@@ -1,17 +1,26 @@
 """How far a run in a floating dtype may lie from the float64 oracle, and why.
 
-The model is a worst-case rounding analysis, not a number tuned until tests pass.
-Let ``eps`` be the dtype's machine epsilon.  For a run whose inputs (initial parameters
-and gradients) are exactly the oracle's:
+The model is a rounding analysis, not a number tuned until tests pass.  It bounds the
+error of *well-conditioned* problems, and says where that assumption enters.  Let
+``eps`` be the dtype's machine epsilon.  For a run whose inputs (initial parameters and
+gradients) are exactly the oracle's:
 
-* one step's elementwise arithmetic (at most ~12 operations, each correctly rounded,
-  the Python hyperparameters rounded into the dtype) perturbs the direction by at most
-  ``OPS * eps`` relative;
+* one step's elementwise arithmetic perturbs the direction by at most ``OPS * eps``
+  relative.  A step is about twenty correctly rounded operations, with the Python
+  hyperparameters rounded into the dtype; products, quotients, square roots and sums of
+  same-sign terms pass relative errors on with a factor of at most one, so their errors
+  add.  The subtractions that can cancel (``g - m``, MaxVA's ``v/w - mean^2``) are where
+  conditioning enters: the model assumes the cancelled part is not much larger than
+  what remains (the gradients' mean not much larger than their spread), as in
+  :func:`~.problems.make_problem`.  MaxVA breaks the bound when the mean is ~1e3 times
+  the spread (float32): its averaging weight then depends on rounding (see its docs);
 * a state buffer kept as an exponential average with factor ``beta`` accumulates the
   rounding of every step it remembers: after ``t`` steps at most
   ``min(t, 1 / (1 - beta)) * eps`` relative.  The direction inherits the relative
   error of every buffer it depends on (:data:`MEMORIES`), at most once each (a square
-  root halves it, which is ignored in favour of safety);
+  root halves it, which is ignored in favour of safety).  In float16 and bfloat16 this
+  term is large (with ``b2 = 0.999`` a bfloat16 ``v`` cannot even decrease: 0.999 v
+  rounds back to v); the bound stays honest and simply allows much more there;
 * a reduction over ``n`` entries (NovoGrad's norm, GAN's statistics), summed pairwise
   or in blocks as NumPy, PyTorch and XLA do, adds ``log2(n) + 1`` eps;
 * writing ``theta + update`` rounds once more, by ``eps |theta|``;
@@ -29,12 +38,12 @@ Summed over the steps, coordinate by coordinate, with the oracle's own updates
     kappa_t = OPS + reduction(n) + sum_{beta in MEMORIES} min(t, 1 / (1 - beta))
 
 The bound grows with the number of steps, as rounding does.  It assumes an exact
-reference; the float64 oracle is exact enough for float32 and narrower dtypes, and for a
-float64 run, where the oracle rounds as much as the run, ``eps`` is counted twice.  eps-dominated coordinates
-need no term of their own: where ``sqrt(v)`` is tiny or underflows, the denominator
-``sqrt(v) + eps`` is dominated by ``eps`` and its relative error stays below ``eps``.
-Errors in the parameters feed back through weight decay only multiplied by
-``lr * weight_decay`` (< 1e-2 in the tests), which is absorbed by the rounding up of OPS.
+reference; the float64 oracle is exact enough for float32 and narrower dtypes, and for
+a float64 run, where the oracle rounds as much as the run, ``eps`` is counted twice.
+eps-dominated coordinates need no term of their own: where ``sqrt(v)`` is tiny or
+underflows, the denominator ``sqrt(v) + eps`` is dominated by ``eps`` and its relative
+error stays below ``eps``.  Errors in the parameters feed back through weight decay
+only multiplied by ``lr * weight_decay`` (< 1e-2 in the tests), which OPS absorbs.
 """
 
 from __future__ import annotations

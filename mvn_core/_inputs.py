@@ -17,7 +17,11 @@ import array_api_compat
 
 # Hyperparameters by the range they must lie in.  The names are the public keyword
 # names of every rule; a rule checks only the ones it takes.
-NON_NEGATIVE = frozenset({"lr", "eps", "eps_s", "weight_decay"})
+NON_NEGATIVE = frozenset({"lr", "eps_s", "weight_decay"})
+# eps is what keeps 0/0 out of a zero gradient's step: it must stay positive in the
+# compute dtype, which is at least float32 (whose smallest normal number is 2**-126).
+POSITIVE = frozenset({"eps"})
+FLOAT32_TINY = 2.0 ** -126
 UNIT_INTERVAL = frozenset({"b1", "b2", "b2_min", "b2_max", "momentum"})  # [0, 1)
 FLAGS = frozenset({"coupled_weight_decay", "nesterov", "grad_averaging", "rectify"})
 
@@ -29,7 +33,7 @@ def is_array(value: Any) -> bool:
 def as_array_list(name: str, value: Any) -> tuple[list, Callable[[list], Any]]:
     """``value`` as a list of arrays, and a function rebuilding the caller's structure.
 
-    One array is returned as a one-element list; a list or tuple keeps its type.
+    One array is returned as a one-element list; a list, tuple or NamedTuple keeps its type.
     """
     if is_array(value):
         return [value], _first
@@ -41,7 +45,7 @@ def as_array_list(name: str, value: Any) -> tuple[list, Callable[[list], Any]]:
                     "one array or a flat list/tuple of arrays (flatten pytrees first, or "
                     "use the optax adapter)"
                 )
-        return list(value), (list if isinstance(value, list) else tuple)
+        return list(value), _rebuilder(type(value))
     raise TypeError(
         f"{name} is a {type(value).__name__}: expected one array or a flat list/tuple of arrays"
     )
@@ -49,6 +53,14 @@ def as_array_list(name: str, value: Any) -> tuple[list, Callable[[list], Any]]:
 
 def _first(items: list) -> Any:
     return items[0]
+
+
+def _rebuilder(kind: type) -> Callable[[list], Any]:
+    if kind in (list, tuple):
+        return kind
+    if hasattr(kind, "_make"):  # a NamedTuple
+        return kind._make
+    return kind
 
 
 def namespace_of(arrays: Sequence[Any]) -> Any:
@@ -155,6 +167,9 @@ def _checked_number(name: str, value: float) -> float:
         raise ValueError(f"{name}={value!r} is out of range: it must lie in [0, 1)")
     if name in NON_NEGATIVE and not (math.isfinite(value) and value >= 0.0):
         raise ValueError(f"{name}={value!r} is out of range: it must be finite and >= 0")
+    if name in POSITIVE and not (math.isfinite(value) and value >= FLOAT32_TINY):
+        raise ValueError(f"{name}={value!r} is out of range: it must be finite and at least "
+                         f"{FLOAT32_TINY:.3g} (smaller values vanish in float32 arithmetic)")
     return value
 
 

@@ -48,16 +48,12 @@ def open_call(rule_name: str, state_type: type, state: Any, grads: Any, params: 
               hyper: dict[str, Any]) -> Call:
     """Check everything a rule's update receives that does not depend on the rule."""
     check_state_type(rule_name, state_type, state)
+    state_arrays = _state_arrays(state)
     grad_list, rebuild = as_array_list("grads", grads)
     param_list = None
     if params is not None:
         param_list, _ = as_array_list("params", params)
-        if is_array(grads) != is_array(params) or len(param_list) != len(grad_list):
-            raise ValueError(
-                f"params ({_describe(params)}) and grads ({_describe(grads)}) differ in "
-                "structure: pass them as the same kind of container with one array per tensor"
-            )
-    state_arrays = [a for field in state for a in (field if isinstance(field, tuple) else (field,))]
+        _check_same_structure("params", params, param_list, "grads", grads, grad_list)
     hyper_arrays = [v for v in hyper.values() if is_array(v)]
     xp = namespace_of(grad_list + (param_list or []) + state_arrays + hyper_arrays)
     for i, g in enumerate(grad_list):
@@ -68,8 +64,40 @@ def open_call(rule_name: str, state_type: type, state: Any, grads: Any, params: 
     _check_count(xp, state.count)
     labelled = [(f"grads[{i}]", g) for i, g in enumerate(grad_list)]
     labelled += [(f"params[{i}]", p) for i, p in enumerate(param_list or [])]
+    labelled += [(f"state.{name}", a) for name, a in _named_state_arrays(state)]
     check_one_device(labelled)
     return Call(xp, grad_list, param_list, rebuild)
+
+
+def _check_same_structure(name, value, items, other_name, other, other_items):
+    if is_array(value) != is_array(other):
+        one, many = (name, other_name) if is_array(value) else (other_name, name)
+        raise ValueError(f"{one} is one array but {many} is a sequence: pass both alike")
+    if len(items) != len(other_items):
+        raise ValueError(f"{name} has {_arrays(len(items))} but {other_name} has "
+                         f"{_arrays(len(other_items))}: one per tensor is needed in each")
+
+
+def _arrays(n: int) -> str:
+    return f"{n} array" if n == 1 else f"{n} arrays"
+
+
+def _state_arrays(state: Any) -> list:
+    """The arrays of a state, after checking that its fields are tuples of arrays."""
+    return [a for _, a in _named_state_arrays(state)]
+
+
+def _named_state_arrays(state: Any) -> list[tuple[str, Any]]:
+    out = [("count", state.count)]
+    for name, field in zip(state._fields[1:], state[1:]):
+        if not isinstance(field, tuple):
+            raise TypeError(f"state.{name} is a {type(field).__name__}: a rule's state holds "
+                            "tuples of arrays, as its init made them")
+        for i, a in enumerate(field):
+            if not is_array(a):
+                raise TypeError(f"state.{name}[{i}] is a {type(a).__name__}, not an array")
+            out.append((f"{name}[{i}]", a))
+    return out
 
 
 def check_state_type(rule_name: str, state_type: type, state: Any) -> None:
@@ -86,12 +114,6 @@ def check_state_type(rule_name: str, state_type: type, state: Any) -> None:
 def _check_count(xp: Any, count: Any) -> None:
     if not is_array(count) or count.ndim != 0 or not xp.isdtype(count.dtype, "integral"):
         raise TypeError("state.count must be a 0-d integer array, as made by the rule's init")
-
-
-def _describe(value: Any) -> str:
-    if is_array(value):
-        return "one array"
-    return f"a {type(value).__name__} of {len(value)}"
 
 
 def new_count(xp: Any, like: Any) -> Any:
@@ -111,7 +133,8 @@ def checked_params(params: Any) -> tuple[Any, list]:
 
 
 def compute_dtype(xp: Any, *dtypes: Any) -> Any:
-    """The dtype a tensor's step is computed in: the widest of its dtypes, at least float32.
+    """The dtype a tensor's step is computed in: the widest of its dtypes (gradient, state,
+    parameter), at least float32.
 
     Half-precision inputs are computed in float32 (stored back in their own dtype), as
     fused kernels do, so that eps-sized constants do not underflow to zero.
@@ -143,6 +166,11 @@ def one_minus_power(xp: Any, base: Any, t: Any) -> Any:
     else:
         log_base = math.log(base) if base > 0 else -math.inf
     return -xp.expm1(t * log_base)
+
+
+def bias_corrections(xp: Any, c: Any) -> dict:
+    """``bc1 = 1 - b1^t`` and ``bc2 = 1 - b2^t``: the constants of most Adam-type rules."""
+    return {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
 
 
 def guard(xp: Any, dtype: Any, value: float) -> float:
@@ -184,8 +212,11 @@ class TensorRule:
 
     def _zeros(self, xp: Any, name: str, p: Any, dtype: Any) -> Any:
         if name in self.scalar_buffers:
-            return xp.zeros((), dtype=dtype or p.dtype, device=device_or_none(p))
-        return xp.zeros_like(p, dtype=dtype)
+            # One number per tensor (a squared norm) costs nothing to keep in float32 at
+            # least, and would overflow float16 for any sizeable tensor.
+            wide = xp.result_type(dtype or p.dtype, xp.float32)
+            return xp.zeros((), dtype=wide, device=device_or_none(p))
+        return xp.zeros_like(p, dtype=dtype, device=device_or_none(p))
 
     def checked_hyperparameters(self, hyper: dict[str, Any]) -> dict[str, Any]:
         """``hyper`` normalised, or the error an update with them would raise."""
@@ -204,36 +235,49 @@ class TensorRule:
                 f"{self.name}_update got weight_decay={hyper['weight_decay']!r} but no params: "
                 "weight decay needs the parameters (pass params=...)"
             )
-        coupled = hyper.get("coupled_weight_decay", False)
         xp = call.xp
         count = as_array(xp, state.count + 1)
         scalars: dict[Any, SimpleNamespace] = {}
         updates, columns = [], [[] for _ in self.buffer_names]
         for i, g in enumerate(call.grads):
+            p = None if call.params is None else call.params[i]
             old = tuple(getattr(state, name)[i] for name in self.buffer_names)
-            dtype = compute_dtype(xp, g.dtype, old[0].dtype)
+            dtype = compute_dtype(xp, g.dtype, old[0].dtype, *([] if p is None else [p.dtype]))
             if dtype not in scalars:
-                scalars[dtype] = self._scalars(xp, count, dtype, hyper)
-            c = scalars[dtype]
-            gc = xp.astype(g, dtype, copy=False)
-            p = xp.astype(call.params[i], dtype, copy=False) if decayed else None
-            if decayed and coupled:
-                gc = gc + c.weight_decay * p
-            d, new = self.direction(xp, gc, p, tuple(xp.astype(b, dtype, copy=False) for b in old), c)
-            if decayed and not coupled and not self.decay_inside:
-                d = d + c.weight_decay * p
-            updates.append(as_array(xp, xp.astype(-(c.lr * d), g.dtype, copy=False)))
-            for column, b, b_old in zip(columns, new, old):
-                column.append(as_array(xp, xp.astype(b, b_old.dtype, copy=False)))
+                scalars[dtype] = self.scalars(xp, count, dtype, hyper)
+            update, new = self.step_tensor(xp, scalars[dtype], g, p if decayed else None, old,
+                                           g.dtype if p is None else p.dtype)
+            updates.append(as_array(xp, update))
+            for column, b in zip(columns, new):
+                column.append(as_array(xp, b))
         new_state = self.state_type(count, *(tuple(column) for column in columns))
         return call.rebuild(updates), new_state
 
-    def _scalars(self, xp: Any, count: Any, dtype: Any, hyper: dict) -> SimpleNamespace:
-        c = SimpleNamespace(**{k: cast(xp, v, dtype) for k, v in hyper.items()})
-        c.t = xp.astype(count, dtype)
-        for key, value in self.constants(xp, c).items():
-            setattr(c, key, value)
-        return c
+    def scalars(self, xp: Any, count: Any, dtype: Any, hyper: dict) -> SimpleNamespace:
+        """The step's scalars in ``dtype``: the hyperparameters, the step ``t`` (the new
+        count) and the rule's constants (bias corrections)."""
+        values = {k: cast(xp, v, dtype) for k, v in hyper.items()}
+        values["t"] = xp.astype(count, dtype)
+        values["coupled"] = hyper.get("coupled_weight_decay", False)
+        values.update(self.constants(xp, SimpleNamespace(**values)))
+        return SimpleNamespace(**values)
+
+    def step_tensor(self, xp: Any, c: SimpleNamespace, g: Any, p: Any, old: tuple,
+                    out_dtype: Any) -> tuple[Any, tuple]:
+        """One tensor's update (in ``out_dtype``) and new buffers (in their old dtypes),
+        computed in the dtype of ``c``.  ``p`` is the parameter if weight decay is on,
+        else None.  Fast paths call this with other layouts of the same numbers."""
+        dtype = c.t.dtype
+        g = xp.astype(g, dtype, copy=False)
+        if p is not None:
+            p = xp.astype(p, dtype, copy=False)
+            if c.coupled:
+                g = g + c.weight_decay * p
+        d, new = self.direction(xp, g, p, tuple(xp.astype(b, dtype, copy=False) for b in old), c)
+        if p is not None and not c.coupled and not self.decay_inside:
+            d = d + c.weight_decay * p
+        new = tuple(xp.astype(b, b_old.dtype, copy=False) for b, b_old in zip(new, old))
+        return xp.astype(-(c.lr * d), out_dtype, copy=False), new
 
     def _check_buffers(self, call: Call, state: Any) -> None:
         n = len(call.grads)
@@ -261,10 +305,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     """
     param_list, rebuild = as_array_list("params", params)
     update_list, _ = as_array_list("updates", updates)
-    if is_array(params) != is_array(updates) or len(param_list) != len(update_list):
-        raise ValueError(
-            f"params ({_describe(params)}) and updates ({_describe(updates)}) differ in structure"
-        )
+    _check_same_structure("params", params, param_list, "updates", updates, update_list)
     xp = namespace_of(param_list + update_list)
     new = []
     for i, (p, u) in enumerate(zip(param_list, update_list)):

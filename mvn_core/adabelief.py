@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._rule import TensorRule, one_minus_power
+from ._rule import TensorRule, bias_corrections
 
 
 class AdaBeliefState(NamedTuple):
@@ -17,7 +17,7 @@ class AdaBeliefState(NamedTuple):
 
 
 def _constants(xp, c):
-    out = {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
+    out = bias_corrections(xp, c)
     if c.rectify:
         out.update(_rectification(xp, c, out["bc1"], out["bc2"]))
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._rule import TensorRule, one_minus_power
+from ._rule import TensorRule, bias_corrections
 
 
 class AdamState(NamedTuple):
@@ -17,8 +17,8 @@ class AdamState(NamedTuple):
 
 
 def _constants(xp, c):
-    return {"bc1": one_minus_power(xp, c.b1, c.t),
-            "sqrt_bc2": xp.sqrt(one_minus_power(xp, c.b2, c.t))}
+    corrections = bias_corrections(xp, c)
+    return {"bc1": corrections["bc1"], "sqrt_bc2": xp.sqrt(corrections["bc2"])}
 
 
 def _direction(xp, g, p, buffers, c):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._rule import TensorRule, one_minus_power
+from ._rule import TensorRule, bias_corrections
 
 
 class LaPropState(NamedTuple):
@@ -16,10 +16,6 @@ class LaPropState(NamedTuple):
     v: tuple
 
 
-def _constants(xp, c):
-    return {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
-
-
 def _direction(xp, g, p, buffers, c):
     m, v = buffers
     v = c.b2 * v + (1 - c.b2) * (g * g)
@@ -27,7 +23,7 @@ def _direction(xp, g, p, buffers, c):
     return m / c.bc1, (m, v)
 
 
-LAPROP = TensorRule("laprop", LaPropState, _direction, _constants)
+LAPROP = TensorRule("laprop", LaPropState, _direction, bias_corrections)
 
 
 def laprop_init(params: Any, *, state_dtype: Any = None) -> LaPropState:

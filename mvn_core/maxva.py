@@ -39,18 +39,22 @@ def _direction(xp, g, p, buffers, c):
 def _new_weight(xp, g, u, v, w, c):
     """``1 - beta_t`` per coordinate, for the beta_t that maximizes the estimated variance.
 
-    It is computed as ``1 - beta`` directly, ``(w (d2 - var) + 1e-16) / den``, because
-    forming ``beta`` first and subtracting it from one would lose the digits that
-    matter when beta is near b2_max (in float32, 1e-5 relative at 0.999).
+    The same quantity as ALGORITHMS.md's, arranged for rounding: ``1 - beta`` is formed
+    directly, as ``(w (d2 - var) + 1e-16) / den``, because forming beta and subtracting
+    it from one would lose the digits that matter near b2_max (1e-5 relative in float32
+    at 0.999); ``den`` is written as a sum of non-negative terms, so it cannot cancel to
+    zero or below; ``var`` is clipped at zero and ``w`` at one, bounds that hold in exact
+    arithmetic.  A state that has overflowed (``v = inf``) gets b2_max instead of NaN.
     """
     w_safe = xp.where(w > 0, w, xp.ones_like(w))  # w is 0 only before the first step
     mean = u / w_safe
-    # A variance; rounding can push it a hair below zero, which would break the ratio.
     var = xp.clip(v / w_safe - mean * mean, min=0.0)
     d2 = (g - mean) * (g - mean)
-    gap = w * (d2 - var) + c.tiny
-    keep = xp.clip(gap / (gap + d2 + var), min=c.keep_min, max=c.keep_max)
-    return xp.where(c.first, xp.zeros_like(keep) + c.keep_min, keep)
+    w = xp.clip(w, max=1.0)
+    ratio = (w * (d2 - var) + c.tiny) / (d2 * (1 + w) + var * (1 - w) + c.tiny)
+    keep = xp.clip(ratio, min=c.keep_min, max=c.keep_max)
+    fallback = xp.zeros_like(keep) + c.keep_min
+    return xp.where(c.first | ~xp.isfinite(ratio), fallback, keep)
 
 
 def _check_relations(h):
@@ -80,10 +84,12 @@ def maxva_update(state: MaxVAState, grads: Any, params: Any = None, *, lr: Any =
         update = -lr weight_decay theta - lr / (1 - b1^t) * m_t / (sqrt(v_t / w_t) + eps)
 
     ``b2_min == b2_max == b2`` makes it Adam/AdamW (``w_t = 1 - b2^t``).  Computed with
-    ``1 - beta`` as the primary quantity (the same in exact arithmetic, far more
-    accurate in float32), with rounding guards that change nothing in exact arithmetic:
-    ``var`` is clipped at zero, and the 1e-16 is raised to the dtype's smallest normal
-    number where it would underflow.
+    ``1 - beta`` as the primary quantity and a denominator that cannot cancel (the same
+    in exact arithmetic, far more accurate in float32; see ``_new_weight``).  Since
+    ``var >= 0`` and ``w <= 1``, ``1 - beta <= 1/2`` before clipping: a ``b2_min`` at or
+    below 0.5 only binds where ``d2 = var = 0``.  In float32, where the mean of the
+    gradients is 1e3 times their spread or more, ``var`` is mostly rounding and the
+    choice of beta is noise (float64 holds to about 1e11).
     """
     return MAXVA.update(state, grads, params, dict(
         lr=lr, b1=b1, b2_min=b2_min, b2_max=b2_max, eps=eps, weight_decay=weight_decay))

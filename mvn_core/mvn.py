@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._rule import TensorRule, one_minus_power
+from ._rule import TensorRule, bias_corrections
 
 
 class MVNState(NamedTuple):
@@ -19,10 +19,6 @@ class MVNState(NamedTuple):
     m: tuple
     v: tuple
     u: tuple
-
-
-def _constants(xp, c):
-    return {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
 
 
 def _direction(xp, g, p, buffers, c):
@@ -35,7 +31,7 @@ def _direction(xp, g, p, buffers, c):
     return u / c.bc1, (m, v, u)
 
 
-MVN = TensorRule("mvn", MVNState, _direction, _constants)
+MVN = TensorRule("mvn", MVNState, _direction, bias_corrections)
 
 
 def mvn_init(params: Any, *, state_dtype: Any = None) -> MVNState:

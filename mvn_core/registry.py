@@ -24,6 +24,7 @@ class Rule:
 
     name: str
     title: str
+    class_name: str  # of the adapters' optimizer classes (the papers' and torch's names)
     init: Callable
     update: Callable
     state_type: type
@@ -56,31 +57,30 @@ class Rule:
             self.tensor_rule.checked_hyperparameters(full)
 
 
-def _rule(module, name, title, reference, kind="optimizer", per_coordinate=True, tensor_rule=None):
+def _rule(module, name, title, class_name, reference, kind="optimizer", per_coordinate=True,
+          tensor_rule=None, state_type=None):
     return Rule(
-        name=name, title=title, init=getattr(module, f"{name}_init"),
-        update=getattr(module, f"{name}_update"), state_type=_state_type(module),
+        name=name, title=title, class_name=class_name, init=getattr(module, f"{name}_init"),
+        update=getattr(module, f"{name}_update"), state_type=state_type or tensor_rule.state_type,
         kind=kind, per_coordinate=per_coordinate, reference=reference, tensor_rule=tensor_rule)
 
 
-def _state_type(module):
-    (state_type,) = [v for k, v in vars(module).items() if k.endswith("State")]
-    return state_type
-
-
 rules: Mapping[str, Rule] = MappingProxyType({r.name: r for r in (
-    _rule(mvn, "mvn", "MVN-Grad", "Patitucci & Mokhtari, arXiv 2602.10204 (2026)",
+    _rule(mvn, "mvn", "MVN-Grad", "MVNGrad", "Patitucci & Mokhtari, arXiv 2602.10204 (2026)",
           tensor_rule=mvn.MVN),
-    _rule(gan, "gan", "Gradient Autoscaled Normalization", "Yun, arXiv 2509.03677 (2025)",
-          kind="transform", per_coordinate=False),
-    _rule(maxva, "maxva", "MaxVA", "Zhu et al., arXiv 2006.11918 (2020)", tensor_rule=maxva.MAXVA),
-    _rule(novograd, "novograd", "NovoGrad", "Ginsburg et al., arXiv 1905.11286 (2019)",
+    _rule(gan, "gan", "Gradient Autoscaled Normalization", "GAN",
+          "Yun, arXiv 2509.03677 (2025)", kind="transform", per_coordinate=False,
+          state_type=gan.GANState),
+    _rule(maxva, "maxva", "MaxVA", "MaxVA", "Zhu et al., arXiv 2006.11918 (2020)",
+          tensor_rule=maxva.MAXVA),
+    _rule(novograd, "novograd", "NovoGrad", "NovoGrad", "Ginsburg et al., arXiv 1905.11286 (2019)",
           per_coordinate=False, tensor_rule=novograd.NOVOGRAD),
-    _rule(adam, "adam", "Adam / AdamW", "Kingma & Ba, arXiv 1412.6980 (2014)",
+    _rule(adam, "adam", "Adam / AdamW", "Adam", "Kingma & Ba, arXiv 1412.6980 (2014)",
           tensor_rule=adam.ADAM),
-    _rule(adabelief, "adabelief", "AdaBelief", "Zhuang et al., arXiv 2010.07468 (2020)",
-          tensor_rule=adabelief.ADABELIEF),
-    _rule(laprop, "laprop", "LaProp", "Ziyin et al., arXiv 2002.04839 (2020)",
+    _rule(adabelief, "adabelief", "AdaBelief", "AdaBelief",
+          "Zhuang et al., arXiv 2010.07468 (2020)", tensor_rule=adabelief.ADABELIEF),
+    _rule(laprop, "laprop", "LaProp", "LaProp", "Ziyin et al., arXiv 2002.04839 (2020)",
           tensor_rule=laprop.LAPROP),
-    _rule(sgd, "sgd", "SGD with momentum", "torch.optim.SGD semantics", tensor_rule=sgd.SGD),
+    _rule(sgd, "sgd", "SGD with momentum", "SGD", "torch.optim.SGD semantics",
+          tensor_rule=sgd.SGD),
 )})

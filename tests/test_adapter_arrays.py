@@ -316,12 +316,12 @@ GRADS = [np.ones((3, 2)), np.ones(4)]
 
 
 @pytest.mark.parametrize("grads, error, match", [
-    (GRADS[:1], ValueError, r"params \(a tuple of 2\) and grads \(a list of 1\) differ"),
-    (GRADS + [np.ones(1)], ValueError, r"differ in structure"),
+    (GRADS[:1], ValueError, r"params has 2 arrays but grads has 1"),
+    (GRADS + [np.ones(1)], ValueError, r"params has 2 arrays but grads has 3"),
     ([GRADS[0], np.ones(5)], ValueError, r"params\[1\] has shape \(4,\) but grads\[1\] has shape"),
     ([GRADS[0], np.ones(4, dtype=int)], TypeError, r"grads\[1\] has dtype int"),
     ([GRADS[0], 1.0], TypeError, r"grads\[1\] is a float, not an array"),
-    (GRADS[0], ValueError, r"grads \(one array\) differ in structure"),
+    (GRADS[0], ValueError, r"grads is one array but params is a sequence"),
     (None, TypeError, r"grads is a NoneType"),
 ], ids=["fewer", "more", "shape", "integer", "not-array", "one-array", "none"])
 @pytest.mark.parametrize("gan", [False, True], ids=["plain", "gan"])

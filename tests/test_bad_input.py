@@ -47,8 +47,9 @@ def test_grads_of_another_length(name):
 
 
 def test_grads_and_params_differ_in_structure(rule):
-    _refused(rule, ValueError, "differ in structure", params=[np.ones((3, 2))])
-    _refused(rule, ValueError, "differ in structure", params=np.ones((3, 2)))
+    _refused(rule, ValueError, "params has 1 array but grads has 2", params=[np.ones((3, 2))])
+    _refused(rule, ValueError, "params is one array but grads is a sequence",
+             params=np.ones((3, 2)))
 
 
 def test_shapes_differ(rule):
@@ -125,6 +126,7 @@ def test_weight_decay_needs_params(name):
 
 
 OUT_OF_RANGE = [("lr", -1e-3), ("lr", float("nan")), ("lr", float("inf")), ("eps", -1.0),
+                ("eps", 0.0), ("eps", 1e-46),
                 ("eps_s", -1e-16), ("weight_decay", -0.1), ("b1", 1.0), ("b1", -0.1),
                 ("b2", 1.5), ("b2_min", 1.0), ("b2_max", -0.5), ("momentum", 1.0)]
 
@@ -175,7 +177,29 @@ def test_bad_state_dtype(rule, dtype, error, match):
 
 
 def test_apply_updates_checks_structure():
-    with pytest.raises(ValueError, match="differ in structure"):
+    with pytest.raises(ValueError, match="params has 2 arrays but updates has 1"):
         mvn_core.apply_updates(_params(), _grads()[:1])
     with pytest.raises(ValueError, match=r"updates\[1\] has shape \(3,\)"):
         mvn_core.apply_updates(_params(), [np.ones((3, 2)), np.ones(3)])
+
+
+def test_state_fields_that_are_not_tuples_of_arrays(rule):
+    state = rule.init(_params())
+    broken = state._replace(**{state._fields[-1]: list(state[-1])})
+    with pytest.raises(TypeError, match=f"state.{state._fields[-1]} is a list"):
+        rule.update(broken, _grads(), _params())
+    if len(state) > 1 and state[-1]:
+        broken = state._replace(**{state._fields[-1]: (0.0,) + state[-1][1:]})
+        with pytest.raises(TypeError, match=f"state.{state._fields[-1]}\\[0\\] is a float"):
+            rule.update(broken, _grads(), _params())
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_on_another_device(name):
+    xp = pytest.importorskip("array_api_strict")
+    rule = mvn_core.rules[name]
+    here, there = xp.Device("CPU_DEVICE"), xp.Device("device1")
+    params = [xp.ones((3, 2), device=here)]
+    state = rule.init([xp.ones((3, 2), device=there)])
+    with pytest.raises(ValueError, match=r"state\.\w+ is on device .*device1.* but grads\[0\]"):
+        rule.update(state, params, params)

@@ -30,6 +30,19 @@ def test_structure_is_mirrored(name):
     assert type(new) is tuple
 
 
+def test_named_tuples_are_mirrored():
+    from typing import NamedTuple
+
+    class Layer(NamedTuple):
+        weight: object
+        bias: object
+
+    params = Layer(np.ones((2, 2)), np.zeros(2))
+    updates, _ = mvn_core.mvn_update(mvn_core.mvn_init(params), Layer(*[p + 1 for p in params]))
+    assert type(updates) is Layer
+    assert type(mvn_core.apply_updates(params, updates)) is Layer
+
+
 @pytest.mark.parametrize("name", RULES)
 def test_nothing_is_mutated_and_read_only_inputs_work(name):
     rule = mvn_core.rules[name]
@@ -185,3 +198,83 @@ def test_torch_tensor_learning_rate():
     u_tensor, _ = mvn_core.adam_update(mvn_core.adam_init(params), grads, lr=torch.tensor(0.1))
     u_float, _ = mvn_core.adam_update(mvn_core.adam_init(params), grads, lr=0.1)
     torch.testing.assert_close(u_tensor[0], u_float[0], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "gan"])
+def test_updates_take_the_params_dtype_and_precision(name):
+    """Mixed precision: bfloat16 gradients of float32 parameters are not rounded to
+    bfloat16 on the way back."""
+    torch = pytest.importorskip("torch")
+    rule = mvn_core.rules[name]
+    params = [torch.linspace(-1, 1, 12, dtype=torch.float32).reshape(3, 4)]
+    grads16 = [torch.linspace(0.3, -2.0, 12, dtype=torch.bfloat16).reshape(3, 4)]
+    grads32 = [g.float() for g in grads16]
+    up16, _ = rule.update(rule.init(params), grads16, params, lr=0.1)
+    up32, _ = rule.update(rule.init(params), grads32, params, lr=0.1)
+    assert up16[0].dtype == torch.float32
+    assert torch.equal(up16[0], up32[0])
+
+
+def test_novograd_norm_of_a_large_float16_tensor_does_not_overflow():
+    rng = np.random.default_rng(0)
+    params = [np.zeros((1000, 1000), dtype=np.float16)]
+    state = mvn_core.novograd_init(params)
+    assert state.v[0].dtype == np.float32  # one number per tensor: kept in float32 at least
+    for _ in range(3):
+        g = (0.3 * rng.standard_normal((1000, 1000))).astype(np.float16)
+        updates, state = mvn_core.novograd_update(state, [g], lr=1.0)
+        assert np.isfinite(state.v[0]) and float(state.v[0]) > 65504  # beyond float16
+        direction = -updates[0].astype(np.float64).ravel()
+        assert np.corrcoef(direction, g.astype(np.float64).ravel())[0, 1] > 0.2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_maxva_survives_an_overflowed_second_moment(dtype):
+    huge = 3e19 if dtype == "float32" else 1e4  # its square overflows the dtype
+    params = [np.zeros(3, dtype=dtype)]
+    state = mvn_core.maxva_init(params)
+    for g in (huge, 1.0, 1.0, -2.0):
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the point
+            updates, state = mvn_core.maxva_update(state, [np.full(3, g, dtype=dtype)])
+        assert not np.isnan(updates[0]).any()
+        for field in (state.u, state.w, state.m):
+            assert not np.isnan(field[0]).any()
+
+
+def test_maxva_with_full_weight_and_the_gradient_at_its_mean():
+    """In float32 the weight w reaches exactly 1; a gradient equal to the running mean
+    then made the old denominator cancel to 0 (a divide-by-zero warning fails here)."""
+    params = [np.zeros(4, dtype=np.float32)]
+    state = mvn_core.maxva_init(params)
+    g = np.full(4, 0.5, dtype=np.float32)
+    for _ in range(300):
+        updates, state = mvn_core.maxva_update(state, [g], b2_min=0.5, b2_max=0.9)
+    assert np.all(state.w[0] == 1.0)
+    updates, state = mvn_core.maxva_update(state, [g], b2_min=0.5, b2_max=0.9)
+    assert np.all(np.isfinite(updates[0])) and np.all(np.isfinite(state.v[0]))
+
+
+def test_jax_without_x64_agrees_with_numpy_float32():
+    """The suite enables x64; a user's default JAX (float32 only) is checked apart."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, jax, jax.numpy as jnp, mvn_core
+assert not jax.config.jax_enable_x64
+from mvn_core.conformance.problems import make_problem
+from mvn_core.conformance.trajectories import core_trajectory
+problem = make_problem(30, seed=4)
+for rule in mvn_core.rules:
+    hyper = {} if rule == "gan" else {"lr": 0.01, "weight_decay": 0.1}
+    a = core_trajectory(rule, "jax", problem, dtype="float32", compiled=True, **hyper)
+    b = core_trajectory(rule, "numpy", problem, dtype="float32", **hyper)
+    for x, y in zip(a[-1], b[-1]):
+        assert x.dtype == np.float32
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5 * max(1.0, np.max(np.abs(y), initial=0)))
+print("agree")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "agree"

@@ -37,3 +37,11 @@ def test_demo_command_line(tmp_path, capsys):
                      "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "mvn   numpy cpu float32" in out and plot.exists()
+
+
+def test_demo_refuses_unknown_backends(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--backends", "torhc"])
+    assert "unknown backends ['torhc']" in capsys.readouterr().err

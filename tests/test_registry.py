@@ -19,6 +19,7 @@ def test_every_rule_is_registered_with_its_public_functions():
         assert rule.update is getattr(mvn_core, f"{name}_update")
         assert type(rule.init([np.ones(2)])) is rule.state_type
         assert rule.kind == ("transform" if name == "gan" else "optimizer")
+        assert rule.class_name.isidentifier()
         assert (rule.tensor_rule is None) == (name == "gan")
 
 

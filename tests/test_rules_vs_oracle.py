@@ -20,12 +20,13 @@ from mvn_core.conformance.trajectories import core_trajectory
 
 STEPS = 100
 WD = 0.1
+DTYPES = ("float16", "bfloat16", "float32", "float64")
 CASES = {
     "mvn": [{}, {"weight_decay": WD}, {"weight_decay": WD, "coupled_weight_decay": True}],
     "adam": [{}, {"weight_decay": WD}, {"weight_decay": WD, "coupled_weight_decay": True}],
     "adabelief": [{}, {"weight_decay": WD}, {"weight_decay": WD, "rectify": True}],
     "laprop": [{}, {"weight_decay": WD}],
-    "maxva": [{}, {"weight_decay": WD}],
+    "maxva": [{}, {"weight_decay": WD}, {"b2_min": 0.9, "b2_max": 0.99}],
     "novograd": [{}, {"weight_decay": WD}, {"weight_decay": WD, "grad_averaging": True}],
     "sgd": [{"momentum": 0.9}, {"momentum": 0.9, "nesterov": True, "weight_decay": WD},
             {"momentum": 0.9, "weight_decay": WD, "coupled_weight_decay": True}],
