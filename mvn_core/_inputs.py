@@ -79,11 +79,15 @@ def namespace_of(arrays: Sequence[Any]) -> Any:
 
 
 def device_or_none(a: Any) -> Any:
-    """The array's device, or None where the library cannot say (e.g. a traced array)."""
+    """The array's device, or None where the library cannot say (e.g. a traced array)
+    or where the array has no single device (a JAX array sharded over several)."""
     try:
-        return array_api_compat.device(a)
-    except Exception:  # traced or multi-device arrays have no single device
+        device = array_api_compat.device(a)
+    except Exception:  # traced arrays have no device
         return None
+    # A JAX array laid over several devices reports its sharding, not a device; two
+    # such arrays may be laid out differently on the same devices, which is legal.
+    return None if len(getattr(device, "device_set", ())) > 1 else device
 
 
 def check_one_device(labelled: Sequence[tuple[str, Any]]) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -278,3 +282,27 @@ print("agree")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "agree"
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np, mvn_core
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+mesh = Mesh(np.array(jax.devices()), ("x",))
+params = [jax.device_put(jnp.arange(8.0).reshape(4, 2), NamedSharding(mesh, PartitionSpec("x"))),
+          jax.device_put(jnp.ones(3), NamedSharding(mesh, PartitionSpec()))]
+state = mvn_core.novograd_init(params)
+updates, state = mvn_core.novograd_update(state, [p + 1 for p in params], params, weight_decay=0.1)
+print([u.sharding.is_equivalent_to(p.sharding, p.ndim) for u, p in zip(updates, params)])
+print([m.sharding.is_equivalent_to(p.sharding, p.ndim) for m, p in zip(state.m, params)])
+"""
+
+
+def test_jax_params_sharded_differently_over_the_same_devices():
+    """A weight split over two devices beside a replicated bias is legal (a sharded array
+    reports its sharding as its device; it has no single device to compare)."""
+    pytest.importorskip("jax")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["[True,", "True]"] * 2

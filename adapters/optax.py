@@ -1,0 +1,256 @@
+"""The rules as ``optax.GradientTransformation``s, generated from :data:`mvn_core.rules`.
+
+Three forms, all made by one factory, :func:`_transformation`:
+
+- an optimizer per rule (``mvn_grad``, ``maxva``, ``novograd``, ``adam``, ``adabelief``,
+  ``laprop``, ``sgd``), whose updates include the learning rate, as ``optax.adam``;
+- ``scale_by_<rule>``: the rule's direction with optax's sign convention, so that
+  ``optax.chain(scale_by_adam(), optax.scale_by_learning_rate(lr))`` is ``adam(lr)``
+  without weight decay;
+- ``gan``: a transformation of the gradients, to put in front of another one.
+
+A transformation only moves data: ``update`` flattens the gradient pytree (``None``
+leaves and ``optax.MaskedNode``s have no leaves), calls the pure rule on the flat list
+and rebuilds the tree.  The state is the rule's own NamedTuple (e.g.
+:class:`mvn_core.MVNState`) with each per-tensor field held as a pytree shaped like the
+params, as optax's own states are, so it works with ``jax.jit``, donation, sharding,
+``optax.masked`` and ``optax.MultiSteps``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import mvn_core
+
+__all__ = [
+    "mvn_grad", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd", "gan",
+    "scale_by_mvn", "scale_by_maxva", "scale_by_novograd", "scale_by_adam",
+    "scale_by_adabelief", "scale_by_laprop", "scale_by_sgd",
+]
+
+def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate: Any = None,
+                    negate: bool = False, state_dtype: Any = None) -> optax.GradientTransformation:
+    """``rule`` as a transformation; ``learning_rate=None`` calls it without ``lr`` (GAN)."""
+    fields = _per_tensor_fields(rule)
+
+    def init(params):
+        leaves, treedef = jax.tree.flatten(params)
+        return _as_trees(_initial_state(rule, leaves, state_dtype), treedef, fields)
+
+    def update(updates, state, params=None):
+        grads, treedef = jax.tree.flatten(updates)
+        flat_params = None if params is None else _leaves_like(treedef, params, "params")
+        rate = {} if learning_rate is None else {"lr": _rate_at(learning_rate, state.count)}
+        out, new_state = rule.update(_as_tuples(state, treedef, fields), grads, flat_params,
+                                     **rate, **hyper)
+        if negate:  # exact: the rule's update at lr=1 is minus its direction
+            out = [-u for u in out]
+        return treedef.unflatten(out), _as_trees(new_state, treedef, fields)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _per_tensor_fields(rule: mvn_core.Rule) -> tuple[str, ...]:
+    """The state fields holding one array per tensor.  GAN has none: its ``extra`` belongs
+    to the scale strategy, whatever its shape."""
+    return () if rule.tensor_rule is None else rule.tensor_rule.buffer_names
+
+
+def _initial_state(rule: mvn_core.Rule, leaves: list, state_dtype: Any) -> Any:
+    if leaves:
+        return rule.init(leaves, state_dtype=state_dtype)
+    # No leaves (optax.masked with everything masked out, a label of optax.multi_transform
+    # that matches nothing): the core refuses empty params as a likely mistake, but optax
+    # composes such transformations, so the state is the count alone.
+    fields = _per_tensor_fields(rule)
+    return rule.state_type(jnp.zeros((), jnp.int32), **{name: () for name in fields})
+
+
+def _rate_at(learning_rate: Any, count: Any) -> Any:
+    """A schedule is read at the count before the update: the first update uses
+    ``schedule(0)``, as in optax."""
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+
+def _as_trees(state: Any, treedef: Any, fields: tuple[str, ...]) -> Any:
+    """The rule's state with each per-tensor tuple rebuilt as a tree like the params."""
+    return state._replace(**{name: treedef.unflatten(getattr(state, name)) for name in fields})
+
+
+def _as_tuples(state: Any, treedef: Any, fields: tuple[str, ...]) -> Any:
+    """The inverse of :func:`_as_trees`: the per-tensor fields as the rule's flat tuples."""
+    return state._replace(**{name: tuple(_leaves_like(treedef, getattr(state, name),
+                                                       f"state.{name}"))
+                             for name in fields})
+
+
+def _leaves_like(treedef: Any, tree: Any, label: str) -> list:
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{label} is not a tree shaped like the updates ({error}): the "
+                         "updates, the params and the state's buffers have the params' "
+                         "structure") from None
+
+
+# ---- the public factories: their signatures and documentation come from the rules
+
+def _optimizer(public_name: str, rule_name: str) -> Callable[..., optax.GradientTransformation]:
+    rule = mvn_core.rules[rule_name]
+    defaults = {name: value for name, value in rule.defaults.items() if name != "lr"}
+
+    def make(learning_rate, state_dtype, **hyper):
+        _check(rule, hyper, learning_rate)
+        return _transformation(rule, hyper, learning_rate=learning_rate, state_dtype=state_dtype)
+
+    return _public(public_name, make, _signature(defaults, rule.defaults["lr"]),
+                   _optimizer_doc(rule))
+
+
+def _scale_by(rule_name: str) -> Callable[..., optax.GradientTransformation]:
+    rule = mvn_core.rules[rule_name]
+    # NovoGrad's weight decay is part of its momentum, hence of its direction.
+    dropped = {"lr"} if rule.tensor_rule.decay_inside else {
+        "lr", "weight_decay", "coupled_weight_decay"}
+    defaults = {name: value for name, value in rule.defaults.items() if name not in dropped}
+
+    def make(state_dtype, **hyper):
+        _check(rule, hyper)
+        return _transformation(rule, hyper, learning_rate=1.0, negate=True,
+                               state_dtype=state_dtype)
+
+    return _public(f"scale_by_{rule_name}", make, _signature(defaults), _scale_by_doc(rule))
+
+
+def _gradient_transform(rule_name: str) -> Callable[..., optax.GradientTransformation]:
+    rule = mvn_core.rules[rule_name]
+
+    def make(**options):
+        _check(rule, options)
+        return _transformation(rule, options)
+
+    signature = inspect.Signature(
+        [_parameter(name, value) for name, value in rule.defaults.items()],
+        return_annotation=optax.GradientTransformation)
+    return _public(rule_name, make, signature, _transform_doc(rule))
+
+
+def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None) -> None:
+    """Refuse bad hyperparameters when the transformation is made, not at its first step.
+
+    Arrays (``optax.inject_hyperparams`` passes them, possibly traced) are checked for
+    shape and dtype only, never read; a schedule is not checked.
+    """
+    rate = {} if learning_rate is None or callable(learning_rate) else {"lr": learning_rate}
+    rule.check_hyperparameters(**rate, **hyper)
+
+
+def _signature(defaults: dict[str, Any], default_rate: Any = None) -> inspect.Signature:
+    parameters = [] if default_rate is None else [_parameter("learning_rate", default_rate)]
+    parameters += [_parameter(name, value) for name, value in defaults.items()]
+    parameters.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY,
+                                        default=None))
+    return inspect.Signature(parameters, return_annotation=optax.GradientTransformation)
+
+
+def _parameter(name: str, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+
+
+def _public(name: str, make: Callable, signature: inspect.Signature, doc: str) -> Callable:
+    """A function called ``name`` with ``signature`` (what ``help``, ``inspect`` and
+    ``optax.inject_hyperparams`` see) that calls ``make`` with every argument by name."""
+    def factory(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return make(**bound.arguments)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = __name__
+    factory.__signature__ = signature
+    factory.__doc__ = doc
+    return factory
+
+
+_STATE_DOC = """\
+The state is :class:`mvn_core.{state}`: ``count``, then each buffer as a pytree
+shaped like the params.  ``state_dtype`` (e.g. ``jnp.float32`` for bfloat16 params)
+is the buffers' dtype (by default the params').  Under ``optax.inject_hyperparams``,
+name it (``"float32"``) or list it in ``static_args``: a dtype is callable, which
+optax would take for a schedule; with bfloat16 params also pass
+``hyperparam_dtype=jnp.float32``, or optax rounds ``b2=0.999`` to 1."""
+
+_RULE_DOC = """\
+{reference}.  The pure rule, :func:`mvn_core.{name}_update`:
+
+{doc}"""
+
+
+def _optimizer_doc(rule: mvn_core.Rule) -> str:
+    return "\n\n".join([
+        f"{rule.title} as an optax transformation; its updates include the learning rate.",
+        "``learning_rate`` is a number, a 0-d array or an optax schedule, read at the step\n"
+        "count before the update (the first update uses ``schedule(0)``).  The other\n"
+        "hyperparameters go to the rule unchanged; numbers are checked here, arrays (as\n"
+        "``optax.inject_hyperparams`` passes them) are not read, so changing them does not\n"
+        "recompile.  ``update(updates, state, params)`` needs ``params`` for weight decay\n"
+        "(an array ``weight_decay`` counts as weight decay even when it is zero).",
+        _STATE_DOC.format(state=rule.state_type.__name__),
+        _rule_doc(rule),
+    ])
+
+
+def _scale_by_doc(rule: mvn_core.Rule) -> str:
+    inside = rule.tensor_rule.decay_inside
+    decay = ("``weight_decay`` is kept: it is part of the momentum, hence of the\ndirection."
+             if inside else
+             "Weight decay is not part of it: chain ``optax.add_decayed_weights``.")
+    return "\n\n".join([
+        f"The direction of {rule.title}, with optax's sign convention (no learning rate).",
+        f"``optax.chain(scale_by_{rule.name}(...), optax.scale_by_learning_rate(lr))``\n"
+        f"makes the same steps as the optimizer with ``learning_rate=lr``.\n{decay}",
+        _STATE_DOC.format(state=rule.state_type.__name__),
+        _rule_doc(rule),
+    ])
+
+
+def _transform_doc(rule: mvn_core.Rule) -> str:
+    return "\n\n".join([
+        f"{rule.title} as an optax transformation of the gradients (no learning rate),\n"
+        "to put in front of an optimizer: ``optax.chain(gan(), sgd(0.1, momentum=0.9))``.",
+        f"The state is :class:`mvn_core.{rule.state_type.__name__}` (the count, and what a\n"
+        "custom ``scale`` keeps).  A callable ``scale`` must be listed in ``static_args``\n"
+        "of ``optax.inject_hyperparams``, which would take it for a schedule.",
+        _rule_doc(rule),
+    ])
+
+
+def _rule_doc(rule: mvn_core.Rule) -> str:
+    return _RULE_DOC.format(reference=rule.reference, name=rule.name,
+                            doc=textwrap.indent(rule.doc, "    "))
+
+
+mvn_grad = _optimizer("mvn_grad", "mvn")
+maxva = _optimizer("maxva", "maxva")
+novograd = _optimizer("novograd", "novograd")
+adam = _optimizer("adam", "adam")
+adabelief = _optimizer("adabelief", "adabelief")
+laprop = _optimizer("laprop", "laprop")
+sgd = _optimizer("sgd", "sgd")
+
+scale_by_mvn = _scale_by("mvn")
+scale_by_maxva = _scale_by("maxva")
+scale_by_novograd = _scale_by("novograd")
+scale_by_adam = _scale_by("adam")
+scale_by_adabelief = _scale_by("adabelief")
+scale_by_laprop = _scale_by("laprop")
+scale_by_sgd = _scale_by("sgd")
+
+gan = _gradient_transform("gan")
