@@ -11,8 +11,9 @@ worst-case model of :mod:`.tolerance` with the rounding counted twice (the core'
 the peer's, each in the run's dtype), plus what the peers do differently on purpose:
 they compute the bias corrections as ``1 - b**t`` (or by a recursion), whose relative
 error is ``eps / (1 - b**t)`` (up to ``1000 eps`` at step 1 for ``b2 = 0.999``) where the
-core's ``-expm1(t log b)`` has a few ulp.  In float32 the peers compute those scalars in
-double, which makes the term negligible; in float64 it dominates the first steps.
+core's ``-expm1(t log b)`` has a few ulp.  Most peers compute those scalars in double,
+which makes the term negligible in float32 runs and dominant in the first float64 steps;
+timm's LaProp keeps them in torch's default dtype, which a run sets to its own dtype.
 
 The error of a run is the relative error norm-wise per tensor, step by step
 (``max|theta - theta_core| / max|theta_core|``), and its tolerance the model's bound on
@@ -29,7 +30,7 @@ import importlib.util
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
