@@ -27,6 +27,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import io
 import sys
 import types
 from dataclasses import dataclass, field
@@ -313,9 +314,11 @@ def _timm_adabelief(params, h, eps="eps"):
 def _official_adabelief(params, h, eps="eps"):
     from adabelief_pytorch import AdaBelief
 
-    return AdaBelief(params, lr=h["lr"], betas=_betas(h), eps=h[eps],
-                     weight_decay=h.get("weight_decay", 0.0), weight_decouple=True,
-                     fixed_decay=False, rectify=h.get("rectify", False), print_change_log=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings, even when asked not to
+        return AdaBelief(params, lr=h["lr"], betas=_betas(h), eps=h[eps],
+                         weight_decay=h.get("weight_decay", 0.0), weight_decouple=True,
+                         fixed_decay=False, rectify=h.get("rectify", False),
+                         print_change_log=False)
 
 
 def _torch_check(make, state=None):

@@ -122,6 +122,12 @@ def test_report_lists_every_result():
     assert all(" pass" in line for line in lines[2:])
 
 
+def test_checks_print_nothing(capsys):
+    """adabelief-pytorch prints its settings on construction; a report must stay clean."""
+    peers.run_check(_only("adabelief_pytorch.AdaBelief(rectify)"), "float32", steps=3)
+    assert capsys.readouterr().out == ""
+
+
 _PEER_MODULES = ("torch", "jax", "optax", "timm", "torchvision", "adabelief_pytorch")
 
 
