@@ -26,6 +26,12 @@ def main(argv=None) -> int:
                       help="where to write the PNG of loss curves ('' for none)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    claims = commands.add_parser(
+        "claims", help="reproduce the three numerical claims of the MVN-Grad paper "
+                       "(tables, and one PNG each)")
+    claims.add_argument("--out", default=".", help="folder for the PNGs (default: here)")
+    claims.add_argument("--no-plot", action="store_true", help="print the tables only")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -37,6 +43,10 @@ def main(argv=None) -> int:
         run_demo(steps=args.steps, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden,
                  seed=args.seed, selected=selected, plot_path=args.plot,
                  show_progress=not args.no_progress)
+    elif args.command == "claims":
+        from .claims import run_claims
+
+        run_claims(args.out, plot=not args.no_plot)
     return 0
 
 

@@ -93,15 +93,21 @@ def reduction(n: int) -> float:
     return math.log2(max(n, 1)) + 1.0
 
 
-def trajectory_bounds(rule: str, hyper: dict, dtype, params0, reference) -> list:
-    """Per step and tensor, the largest allowed ``|theta - theta*|`` (arrays like theta)."""
-    eps = machine_eps(dtype) + machine_eps("float64")  # the run's rounding and the oracle's
+def trajectory_bounds(rule: str, hyper: dict, dtype, params0, reference, *,
+                      other_dtype="float64", extra_kappa=None) -> list:
+    """Per step and tensor, the largest allowed ``|theta - theta*|`` (arrays like theta).
+
+    ``other_dtype`` is the dtype the reference rounds in (the float64 oracle; a peer
+    rounds in the run's dtype), ``extra_kappa(t)`` what the reference adds to step
+    ``t``'s relative error, in eps (e.g. a peer's bias correction ``1 - b**t``).
+    """
+    eps = machine_eps(dtype) + machine_eps(other_dtype)  # the run's rounding and the reference's
     previous = [np.asarray(p, dtype=np.float64) for p in params0]
     accumulated = [np.zeros_like(p) for p in previous]
     bounds = []
     for t, thetas in enumerate(reference, start=1):
         for i, theta in enumerate(thetas):
-            k = kappa(rule, hyper, t, theta.size)
+            k = kappa(rule, hyper, t, theta.size) + (extra_kappa(t) if extra_kappa else 0.0)
             accumulated[i] = accumulated[i] + k * np.abs(theta - previous[i]) + np.abs(theta)
         previous = thetas
         bounds.append([eps * a for a in accumulated])
