@@ -10,8 +10,8 @@ What a rule must take, per dtype (the precondition of these properties):
   float64, and 64 / sqrt(n) for float16 *state* (which holds ``v ~ g^2``: give float16
   parameters ``state_dtype="float32"`` to take their whole range).  Beyond it an
   Adam-type rule overflows in ``g * g`` as torch.optim and optax do;
-* hyperparameters in their documented ranges, with every ``eps`` at least 1e-16 (not
-  zero: with ``eps = 0`` a zero gradient is ``0 / 0``; see ``test_zero_eps``).
+* hyperparameters in their documented ranges, with every ``eps`` at least 1e-16 (the
+  core refuses ``eps = 0``, with which a zero gradient would be ``0 / 0``).
 
 The properties: finite inputs never give NaN or Inf (in float16/bfloat16 an update may be
 genuinely larger than the dtype's range, e.g. Adam's ``m / eps`` right after the
@@ -192,15 +192,13 @@ def test_finite_inputs_never_give_nan_or_inf(backend, dtype, state_dtype):
     check()
 
 
-@pytest.mark.parametrize("rule", ["adam", "laprop", "maxva", "novograd", "adabelief"])
-def test_zero_eps_and_zero_gradient_give_nan(rule):
-    """Why the properties need ``eps > 0``: ``eps = 0`` passes the range check, and a zero
-    gradient then makes ``0 / 0`` (as ``torch.optim.Adam(eps=0)`` does).  This pins the
-    current behaviour; if the range check or a guard changes it, change this test."""
+@pytest.mark.parametrize("rule", ["adam", "laprop", "maxva", "novograd", "adabelief", "mvn"])
+def test_zero_eps_is_refused(rule):
+    """Why the properties need ``eps > 0``: with ``eps = 0`` a zero gradient would make
+    ``0 / 0`` (as ``torch.optim.Adam(eps=0)`` does); the core refuses it instead."""
     g = np.zeros(3)
-    with np.errstate(invalid="ignore"):
-        updates, _ = mvn_core.rules[rule].update(mvn_core.rules[rule].init(g), g, eps=0.0)
-    assert np.all(np.isnan(updates))
+    with pytest.raises(ValueError, match="eps=0.0 is out of range"):
+        mvn_core.rules[rule].update(mvn_core.rules[rule].init(g), g, eps=0.0)
 
 
 # --- scale equivariance ------------------------------------------------------------------
