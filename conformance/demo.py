@@ -16,12 +16,12 @@ import mvn_core
 from mvn_core import backends
 
 from . import mlp
-from .demo_frameworks import TORCH_PATH, train_torch_module
+from .demo_frameworks import JAX_PATH, TORCH_PATH, train_jax_model, train_torch_module
 from .training import Run, load_digits_data, train
 
 NUMPY_FLOAT64 = Run("numpy", "float64", "cpu")
 # The framework adapters the demo trains MVN-Grad with, by the backend they run on.
-FRAMEWORKS = {"torch": (TORCH_PATH, train_torch_module)}
+FRAMEWORKS = {"torch": (TORCH_PATH, train_torch_module), "jax": (JAX_PATH, train_jax_model)}
 
 RULES = ("mvn", "adam")
 

@@ -35,3 +35,39 @@ def train_torch_module(rule_name, run, data, init, batches, lr, progress=None) -
     _, losses, ms = training_loop(run, step, None, data, batches, progress)
     params = [t for linear in linears for t in (linear.weight.detach().T, linear.bias.detach())]
     return finished("mvn", run, TORCH_PATH, params, losses, ms, data)
+
+
+JAX_PATH = "jax.grad + adapters.optax.mvn_grad"
+
+
+def train_jax_model(rule_name, run, data, init, batches, lr, progress=None) -> Result:
+    """MVN-Grad (``rule_name`` must be "mvn") on a JAX model, jitted as a whole."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mvn_core.adapters.optax import mvn_grad
+
+    def put(a):
+        return jax.device_put(jnp.asarray(a, dtype=run.dtype), run.device)
+
+    params = {"hidden": {"w": put(init[0]), "b": put(init[1])},
+              "out": {"w": put(init[2]), "b": put(init[3])}}
+    opt = mvn_grad(lr)
+
+    def loss_fn(params, x, y):
+        hidden = jnp.tanh(x @ params["hidden"]["w"] + params["hidden"]["b"])
+        logits = hidden @ params["out"]["w"] + params["out"]["b"]
+        return optax.softmax_cross_entropy(logits, y).mean()
+
+    @jax.jit
+    def step(carry, x, y, batch):
+        params, state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, x[batch], y[batch])
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), loss
+
+    (params, _), losses, ms = training_loop(run, step, (params, opt.init(params)), data,
+                                            batches, progress)
+    flat = [params["hidden"]["w"], params["hidden"]["b"], params["out"]["w"], params["out"]["b"]]
+    return finished("mvn", run, JAX_PATH, flat, losses, ms, data)

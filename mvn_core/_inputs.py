@@ -79,11 +79,19 @@ def namespace_of(arrays: Sequence[Any]) -> Any:
 
 
 def device_or_none(a: Any) -> Any:
-    """The array's device, or None where the library cannot say (e.g. a traced array)
-    or where the array has no single device (a JAX array sharded over several)."""
+    """The array's device, or None where the library cannot say (e.g. a traced array),
+    where the array has no single device (a JAX array sharded over several), or where
+    it says it is not committed to one (a JAX array on its default placement).
+
+    New state is made on this device; None makes it where the library puts arrays by
+    default.  For an uncommitted JAX array that keeps the state uncommitted too: mixing
+    committed state with uncommitted params would make ``jax.jit`` compile twice.
+    """
     try:
+        if getattr(a, "committed", True) is False:
+            return None
         device = array_api_compat.device(a)
-    except Exception:  # traced arrays have no device
+    except Exception:  # traced arrays have no device (nor a committed flag)
         return None
     # A JAX array laid over several devices reports its sharding, not a device; two
     # such arrays may be laid out differently on the same devices, which is legal.

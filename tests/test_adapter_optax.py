@@ -419,10 +419,26 @@ def test_jit_with_donated_params_and_state():
             compiled.append(donating._cache_size())
     _assert_same(params, expected_params)
     _assert_same(state, expected_state)
-    # The state keeps its types from step to step: no compilation after the second step.
-    # (The second compiles again because the core's init commits the count to a device
-    # while the buffers are not committed; jax.jit's outputs are.)
-    assert compiled[1:] == [compiled[1]] * 3 and compiled[1] <= 2
+    # One compilation: the state keeps its types from step to step, and the core makes
+    # it exactly as committed to a device as the params are (uncommitted here).
+    assert compiled == [1] * len(compiled)
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_first_step_compiles_once(committed):
+    """Params straight from jnp (uncommitted) or from a jit or device_put (committed):
+    the state follows them, so the second step finds the first step's compilation.
+    (optax's own init makes an uncommitted count, which costs committed params a
+    second compilation.)"""
+    params = _tree(_problem(1).params, jnp.float32)
+    if committed:
+        params = jax.device_put(params, jax.devices()[0])
+    transformation = adapter.novograd(LR, weight_decay=WD)  # 0-d buffers as well as full ones
+    step = jax.jit(_optax_step(transformation).__wrapped__)
+    state = transformation.init(params)
+    for grads in _problem(3).grads:
+        params, state, _ = step(params, state, _tree(grads, jnp.float32))
+    assert step._cache_size() == 1
 
 
 SHARDED = """
