@@ -13,8 +13,12 @@ decay is decoupled (AdamW style) unless ``coupled_weight_decay=True``: ``Adam`` 
 ``weight_decay`` is ``torch.optim.AdamW``, and ``torch.optim.Adam``'s or ``SGD``'s L2
 decay needs ``coupled_weight_decay=True``.  Options of every class: ``maximize``,
 ``gan`` (Gradient Autoscaled Normalization in front of the rule, per group: ``True`` or
-a dict of its options ``center``/``scale``) and ``state_dtype`` (e.g. ``torch.float32``
-state for bfloat16 parameters).
+a dict of its options ``center``/``scale``), ``state_dtype`` (e.g. ``torch.float32``
+state for bfloat16 parameters), and the execution path (:mod:`._torch_paths`):
+``foreach=None`` (default) runs the rule on lists of tensors with multi-tensor kernels,
+bit for bit the pure rule's results; ``foreach=False`` calls the pure rule itself;
+``fused=True`` compiles the rule with ``torch.compile`` into fused kernels (the first
+step compiles for some seconds; results differ from the pure rule's by rounding).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import torch
 import mvn_core
 from mvn_core.registry import Rule
 
-OPTIONS = {"maximize": False, "gan": False, "state_dtype": None}
+from . import _torch_paths
+
+OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
+           "fused": False}
 # The core's names gathered into torch's ``betas`` pair, per rule that has one.
 BETAS = {"maxva": ("b1", "b2_max"), "mvn": ("b1", "b2"), "novograd": ("b1", "b2"),
          "adam": ("b1", "b2"), "adabelief": ("b1", "b2"), "laprop": ("b1", "b2")}
@@ -65,8 +72,13 @@ class RuleOptimizer(torch.optim.Optimizer):
         self.rule.check_hyperparameters(**self._rule_hyperparameters(group))
         if group["gan"] is not False:
             mvn_core.rules["gan"].check_hyperparameters(**_gan_options(group["gan"]))
-        if not isinstance(group["maximize"], bool):
-            raise TypeError(f"maximize must be True or False, got {group['maximize']!r}")
+        for flag in ("maximize", "fused"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{flag} must be True or False, got {group[flag]!r}")
+        if group["foreach"] not in (None, True, False):
+            raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
+        if group["fused"] and group["foreach"]:
+            raise ValueError("foreach=True and fused=True exclude each other")
 
     def _rule_hyperparameters(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters in the core's names."""
@@ -114,15 +126,23 @@ class RuleOptimizer(torch.optim.Optimizer):
             grads = self._gan(group, params, grads)
         self._init_missing_state(group, params)
         grad_of = dict(zip(map(id, params), grads))
+        run = _torch_paths.PATHS[self.path_of(group)]
+        names = self._buffer_names()
         for batch in self._batches(params):
-            state = self.rule.state_type(self.state[batch[0]][STEP], *(
-                tuple(self.state[p][name] for p in batch) for name in self._buffer_names()))
-            updates, new = self.rule.update(state, [grad_of[id(p)] for p in batch], batch, **hyper)
-            for i, (p, u) in enumerate(zip(batch, updates)):
-                p.add_(u)
-                self.state[p][STEP] = new.count
-                for name in self._buffer_names():
-                    self.state[p][name] = getattr(new, name)[i]
+            columns = [[self.state[p][name] for p in batch] for name in names]
+            count, columns = run(self.rule, batch, [grad_of[id(p)] for p in batch], columns,
+                                 self.state[batch[0]][STEP], hyper)
+            for i, p in enumerate(batch):
+                self.state[p][STEP] = count
+                for name, column in zip(names, columns):
+                    self.state[p][name] = column[i]
+
+    @staticmethod
+    def path_of(group: dict[str, Any]) -> str:
+        """The execution path a group's options select (see :mod:`._torch_paths`)."""
+        if group["fused"]:
+            return "fused"
+        return "reference" if group["foreach"] is False else "multi_tensor"
 
     def _gan(self, group, params, grads):
         state = group.get("gan_state") or mvn_core.gan_init(params)

@@ -229,7 +229,7 @@ class TensorRule:
         hyper = self.checked_hyperparameters(hyper)
         call = open_call(self.name, self.state_type, state, grads, params, hyper)
         self._check_buffers(call, state)
-        decayed = not is_zero(hyper.get("weight_decay", 0.0))
+        decayed = self.decays(hyper)
         if decayed and call.params is None:
             raise ValueError(
                 f"{self.name}_update got weight_decay={hyper['weight_decay']!r} but no params: "
@@ -253,10 +253,22 @@ class TensorRule:
         new_state = self.state_type(count, *(tuple(column) for column in columns))
         return call.rebuild(updates), new_state
 
-    def scalars(self, xp: Any, count: Any, dtype: Any, hyper: dict) -> SimpleNamespace:
+    @staticmethod
+    def decays(hyper: dict) -> bool:
+        """Whether weight decay is on: for anything but a Python zero (an array is never
+        read, so an array weight decay counts as on)."""
+        return not is_zero(hyper.get("weight_decay", 0.0))
+
+    def scalars(self, xp: Any, count: Any, dtype: Any, hyper: dict,
+                hyper_dtype: Any = None) -> SimpleNamespace:
         """The step's scalars in ``dtype``: the hyperparameters, the step ``t`` (the new
-        count) and the rule's constants (bias corrections)."""
-        values = {k: cast(xp, v, dtype) for k, v in hyper.items()}
+        count) and the rule's constants (bias corrections).
+
+        Array hyperparameters are cast to ``hyper_dtype`` (default ``dtype``).  A wider
+        one suits libraries that compute a 0-d array with a wider dtype in the other
+        operand's dtype (PyTorch): the array then acts as a Python number does, so that
+        ``1 - b2`` is formed before rounding rather than after."""
+        values = {k: cast(xp, v, hyper_dtype or dtype) for k, v in hyper.items()}
         values["t"] = xp.astype(count, dtype)
         values["coupled"] = hyper.get("coupled_weight_decay", False)
         values.update(self.constants(xp, SimpleNamespace(**values)))

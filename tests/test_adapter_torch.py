@@ -399,3 +399,74 @@ def test_cuda_trajectory_and_state_dict_across_devices(name):
     _run(opt_back, back, more)
     for a, b in zip(params, back):
         assert torch.equal(a, b)
+
+
+# ---- execution paths: reference (foreach=False), multi-tensor (default), fused
+
+def _path_run(name, dtype, problem, **options):
+    core = dict(HYPER[name], lr=1e-2, weight_decay=0.1)
+    params = _params(problem, getattr(torch, dtype))
+    opt = CLASSES[name](params, **_torch_kwargs(name, core), **options)
+    return _run(opt, params, problem.grads, getattr(torch, dtype)), core
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_reference_path_is_the_pure_rule(name):
+    problem = make_problem(10, seed=11)
+    got, core = _path_run(name, "float32", problem, foreach=False)
+    expected = core_trajectory(name, "torch", problem, dtype="float32", **core)
+    for a, b in zip(got[-1], expected[-1]):
+        np.testing.assert_array_equal(a, b)
+
+
+FUSED_CASES = [(n, "float32") for n in CLASSES] + [("mvn", "float64"), ("novograd", "float64")]
+
+
+@pytest.mark.parametrize("name,dtype", FUSED_CASES, ids=[f"{n}-{d}" for n, d in FUSED_CASES])
+def test_fused_path_stays_within_the_rounding_bound_of_the_oracle(name, dtype):
+    """The compiled kernels may round differently from the reference (hyperparameters
+    as float64 tensors, the compiler's own order): they are held to the same rounding
+    model as the pure rule, against the float64 oracle."""
+    from mvn_core.conformance import oracle
+    from mvn_core.conformance.problems import rounded
+    from mvn_core.conformance.tolerance import trajectory_bounds
+
+    shapes = ((), (0,), (7,), (5, 4), (2, 3, 2, 3), (1,)) * 6  # > BATCH compilable tensors
+    problem = rounded(make_problem(20, seed=12, shapes=shapes), dtype)
+    got, core = _path_run(name, dtype, problem, fused=True)
+    reference = oracle.trajectory(name, problem.params, problem.grads, **core)
+    bounds = trajectory_bounds(name, dict(oracle.DEFAULTS[name], **core), dtype,
+                               problem.params, reference)
+    for xs, refs, bs in zip(got, reference, bounds):
+        for x, ref, bound in zip(xs, refs, bs):
+            assert np.all(np.abs(x - ref) <= bound)
+
+
+def test_fused_path_does_not_recompile_when_the_schedule_moves():
+    from torch._dynamo.utils import counters
+
+    shapes = [(64,), (8, 8)] * 16
+    params = [torch.zeros(s, requires_grad=True) for s in shapes]
+    opt = adapters.Adam(params, lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    graphs = []
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        scheduler.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[0]] * 3
+
+
+def test_foreach_and_fused_options():
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="exclude each other"):
+        adapters.MVNGrad(p, foreach=True, fused=True)
+    with pytest.raises(TypeError, match="fused must be True or False"):
+        adapters.MVNGrad(p, fused=1)
+    opt = adapters.MVNGrad(p)
+    assert [opt.path_of(g) for g in opt.param_groups] == ["multi_tensor"]
+    opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "foreach": False})
+    opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "fused": True})
+    assert [opt.path_of(g) for g in opt.param_groups] == ["multi_tensor", "reference", "fused"]
