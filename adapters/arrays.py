@@ -50,7 +50,7 @@ class ArrayOptimizer:
     rule: ClassVar[Rule | None] = None
 
     def __init__(self, params: Any, *, gan: bool | Mapping = False, state_dtype: Any = None,
-                 **hyperparameters: Any) -> None:
+                 fused: bool = False, **hyperparameters: Any) -> None:
         if self.rule is None:
             raise TypeError("ArrayOptimizer is generic: use a class made by optimizer_class(rule), "
                             "e.g. mvn_core.adapters.arrays.Adam")
@@ -62,6 +62,7 @@ class ArrayOptimizer:
         params = tuple(params)
         self._library = _library_of(params)
         _check_writable(params)
+        self.fused = _checked_fused(fused, self.rule, self._library)
         self.params = params
         self.hyperparameters = {**self.rule.defaults, **hyperparameters}
         self._gan = gan_options
@@ -98,10 +99,23 @@ class ArrayOptimizer:
         if self._gan is not None:
             _check_hyperparameters(GAN, self._gan)
             grads, gan_state = GAN.update(gan_state, grads, self.params, **self._gan)
+        if self.fused:
+            self._state = self._fused_step(grads)
+            self._gan_state = gan_state
+            return
         updates, state = self.rule.update(self._state, grads, self.params, **self.hyperparameters)
         for p, u in zip(self.params, updates):
             p += u.astype(p.dtype, copy=False)
         self._state, self._gan_state = state, gan_state
+
+    def _fused_step(self, grads: Any) -> Any:
+        """The fused CuPy path: the rule's checks, then one traced kernel per tensor that
+        writes params and state in place (see :mod:`._cupy_fused`)."""
+        from . import _cupy_fused
+
+        call, hyper = self.rule.tensor_rule.checked_call(self._state, grads, self.params,
+                                                         self.hyperparameters)
+        return _cupy_fused.step(self.rule, self._state, self.params, call.grads, hyper)
 
     def state_dict(self) -> dict:
         """A plain, picklable dict: the rule's name, the hyperparameters, the state and GAN's.
@@ -203,7 +217,8 @@ def _class_doc(rule: Rule) -> str:
 def _signature(rule: Rule) -> inspect.Signature:
     P = inspect.Parameter
     fixed = [P("params", P.POSITIONAL_OR_KEYWORD), P("gan", P.KEYWORD_ONLY, default=False),
-             P("state_dtype", P.KEYWORD_ONLY, default=None)]
+             P("state_dtype", P.KEYWORD_ONLY, default=None),
+             P("fused", P.KEYWORD_ONLY, default=False)]
     hyper = [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.defaults.items()]
     return inspect.Signature(fixed + hyper)
 
@@ -232,6 +247,18 @@ def _gan_options(gan: Any) -> dict | None:
                         f"({', '.join(GAN.defaults)}), got a {type(gan).__name__}")
     _check_hyperparameters(GAN, gan)
     return {**GAN.defaults, **gan}
+
+
+def _checked_fused(fused: Any, rule: Rule, library: str) -> bool:
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be True or False, got {fused!r}")
+    if fused and library != "cupy":
+        raise ValueError("fused=True compiles a CUDA kernel: it needs CuPy arrays "
+                         f"(these are {library} arrays, which run the pure rule)")
+    if fused and not rule.per_coordinate:
+        raise ValueError(f"fused=True needs a per-coordinate rule; {rule.name} has a "
+                         "per-tensor norm (it runs the pure rule)")
+    return fused
 
 
 def _refuse_one_array(params: Any) -> None:

@@ -225,16 +225,23 @@ class TensorRule:
             self.check(hyper)
         return hyper
 
-    def update(self, state: Any, grads: Any, params: Any, hyper: dict[str, Any]) -> tuple:
+    def checked_call(self, state: Any, grads: Any, params: Any,
+                     hyper: dict[str, Any]) -> tuple[Call, dict]:
+        """Every check an update makes before computing, and its normalised inputs.
+        Fast paths call it too, so that they refuse exactly what the rule refuses."""
         hyper = self.checked_hyperparameters(hyper)
         call = open_call(self.name, self.state_type, state, grads, params, hyper)
         self._check_buffers(call, state)
-        decayed = self.decays(hyper)
-        if decayed and call.params is None:
+        if self.decays(hyper) and call.params is None:
             raise ValueError(
                 f"{self.name}_update got weight_decay={hyper['weight_decay']!r} but no params: "
                 "weight decay needs the parameters (pass params=...)"
             )
+        return call, hyper
+
+    def update(self, state: Any, grads: Any, params: Any, hyper: dict[str, Any]) -> tuple:
+        call, hyper = self.checked_call(state, grads, params, hyper)
+        decayed = self.decays(hyper)
         xp = call.xp
         count = as_array(xp, state.count + 1)
         scalars: dict[Any, SimpleNamespace] = {}

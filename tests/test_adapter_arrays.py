@@ -126,8 +126,8 @@ def test_one_generated_class_per_optimizer_rule():
 def test_signature_and_doc_show_the_rules_hyperparameters(name):
     cls, rule = arrays.OPTIMIZERS[name], mvn_core.rules[name]
     parameters = inspect.signature(cls).parameters
-    assert list(parameters)[:3] == ["params", "gan", "state_dtype"]
-    assert {k: p.default for k, p in list(parameters.items())[3:]} == dict(rule.defaults)
+    assert list(parameters)[:4] == ["params", "gan", "state_dtype", "fused"]
+    assert {k: p.default for k, p in list(parameters.items())[4:]} == dict(rule.defaults)
     assert rule.title in cls.__doc__ and rule.doc in cls.__doc__
     opt = cls([np.ones(2)])
     assert opt.hyperparameters == dict(rule.defaults) and opt.gan is None
