@@ -63,6 +63,8 @@ class Selection:
                 raise ValueError(f"unknown {name} {unknown}; known: {', '.join(known)}")
         if self.reference not in REFERENCES:
             raise ValueError(f"unknown reference {self.reference!r}; known: {', '.join(REFERENCES)}")
+        if self.goldens is not None and self.reference != "goldens":
+            raise ValueError("golden files are read only with --reference goldens")
         if self.namespace and self.backends:
             raise ValueError("--namespace checks one namespace instead of the backends: "
                              "give one or the other")

@@ -52,6 +52,28 @@ def test_default_selection_has_every_rule_backend_dtype_and_path():
         assert {c.dtype for c in cells if c.backend == name} == set(check.DTYPES)
 
 
+def test_a_path_may_take_some_rules_or_need_a_module(monkeypatch):
+    monkeypatch.setitem(paths.PATHS, "only-sgd",
+                        paths.Path("only-sgd", paths.run_pure, None, "", rules=("sgd",)))
+    monkeypatch.setitem(paths.PATHS, "elsewhere",
+                        paths.Path("elsewhere", paths.run_pure, None, "", requires=("no_such",)))
+    cells, _, skipped = check.plan(check.Selection(rules=("sgd", "adam"), backends=("numpy",),
+                                                   paths=("only-sgd", "elsewhere")))
+    assert {(c.rule, c.path) for c in cells} == {("sgd", "only-sgd")}
+    assert [(k.path, k.reason) for k in skipped] == [("elsewhere", "no_such is not installed")]
+
+
+def test_every_installed_path_passes_for_two_rules(capsys):
+    """The default selection, cut to a per-tensor reduction (NovoGrad) and a transform."""
+    status, report, _ = _check(capsys, "--rules", "novograd,gan")
+    assert status == 0
+    ran = {(c["backend"], c["path"]) for c in report["cells"]}
+    assert len(ran) == sum(p.applies_to(n) and not p.unavailable_reason()
+                           for n in backends.available() for p in paths.PATHS.values())
+    for cell in report["cells"]:
+        assert cell["status"] == "pass" and len(cell["runs"]) == 3, cell
+
+
 def test_report_json_markdown_and_text(capsys, tmp_path):
     _installed("numpy")
     markdown = tmp_path / "check.md"
@@ -132,7 +154,8 @@ def test_a_path_cannot_be_registered_twice():
 def test_options(capsys):
     for bad in (["--rules", "mvn,nope"], ["--backends", "tensorflow"], ["--dtypes", "float8"],
                 ["--paths", "warp"], ["--json", "-", "--markdown", "-"],
-                ["--namespace", "numpy", "--backends", "numpy"], ["--steps", "0"]):
+                ["--namespace", "numpy", "--backends", "numpy"], ["--steps", "0"],
+                ["--reference", "oracle", "--goldens", "."]):
         with pytest.raises(SystemExit) as exit:
             main(["check", *bad])
         assert exit.value.code == 2
