@@ -26,7 +26,8 @@ from . import peers as peer_checks
 from .cases import RULES, Case, cases
 from .comparison import Comparison, compare, reference_bounds, relative_difference
 from .paths import PATHS, Path
-from .references import SEED, STEPS, Goldens, Reference, check_problem, oracle_reference
+from .references import (FOLDER, SEED, STEPS, Goldens, Reference, check_problem,
+                         oracle_reference)
 from .targets import device_name, devices
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -94,6 +95,7 @@ class Cell:
     dtype: str
     path: str
     runs: list[Run] = field(default_factory=list)
+    target: Any = field(default=None, repr=False, compare=False)  # what the path runs on
 
     @property
     def label(self) -> str:
@@ -174,20 +176,21 @@ class _Target:
     dtypes: tuple[str, ...]
 
 
-def plan(selection: Selection) -> tuple[list[Cell], list[_Target], list[Skipped]]:
-    """The cells to run (in the table's order), their targets, and what is skipped."""
+def plan(selection: Selection) -> tuple[list[Cell], list[Skipped]]:
+    """The cells to run, in the table's order, and what is skipped."""
     targets, skipped = _targets(selection)
     paths = [p for p in PATHS.values() if selection.paths is None or p.name in selection.paths]
+    reasons = {p.name: p.unavailable_reason() for p in paths}
     runnable = {}
     for target in targets:
         applicable = [p for p in paths if _applies(p, target.label, selection)]
-        skipped += [Skipped(target.label, _device(target), p.name, p.unavailable_reason())
-                    for p in applicable if p.unavailable_reason()]
-        runnable[target] = [p for p in applicable if not p.unavailable_reason()]
-    cells = [Cell(rule, target.label, _device(target), dtype, path.name)
+        skipped += [Skipped(target.label, _device(target), p.name, reasons[p.name])
+                    for p in applicable if reasons[p.name]]
+        runnable[target] = [p for p in applicable if not reasons[p.name]]
+    cells = [Cell(rule, target.label, _device(target), dtype, path.name, target=target)
              for rule in selection.rules or RULES for target in targets
              for dtype in target.dtypes for path in runnable[target] if path.takes(rule)]
-    return cells, [t for t in targets if runnable[t]], skipped
+    return cells, skipped
 
 
 def _applies(path: Path, backend: str, selection: Selection) -> bool:
@@ -232,14 +235,11 @@ def run_check(selection: Selection = Selection(), progress: Callable | None = No
     ``progress(done, total, cell)`` is called after each cell.
     """
     started = time.perf_counter()
-    cells, targets, skipped = plan(selection)
+    cells, skipped = plan(selection)
     source = _ReferenceSource(selection)
-    by_label = {(t.label, _device(t)): t for t in targets}
     pure_runs: dict = {}
     for done, cell in enumerate(cells, start=1):
-        target = by_label[(cell.backend, cell.device)]
-        cell.runs = [_run_case(cell, target, case, source, pure_runs)
-                     for case in cases([cell.rule])]
+        cell.runs = [_run_case(cell, case, source, pure_runs) for case in cases([cell.rule])]
         if progress:
             progress(done, len(cells), cell)
     peers = _run_peers(selection) if selection.peers else None
@@ -254,7 +254,7 @@ class _ReferenceSource:
     def __init__(self, selection: Selection):
         self.steps = selection.steps
         if selection.reference == "goldens":
-            self.goldens = Goldens(*(() if selection.goldens is None else (selection.goldens,)))
+            self.goldens = Goldens(selection.goldens or FOLDER)
             self.problem = self.goldens.problem(selection.steps)
         else:
             self.goldens = None
@@ -277,13 +277,12 @@ class _ReferenceSource:
         return self._bounds[key]
 
 
-def _run_case(cell: Cell, target: _Target, case: Case, source: _ReferenceSource,
-              pure_runs: dict) -> Run:
+def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict) -> Run:
     reference, bounds = source.reference(case), source.bounds(case, cell.dtype)
     started = time.perf_counter()
     try:
-        got = PATHS[cell.path].run(case.rule, target.backend, target.device, cell.dtype,
-                                   source.problem, **case.hyper)
+        got = PATHS[cell.path].run(case.rule, cell.target.backend, cell.target.device,
+                                   cell.dtype, source.problem, **case.hyper)
     except Exception as error:  # a path or namespace that cannot run this: an error row
         return Run(case, "error", None, f"{type(error).__name__}: {error}", None,
                    time.perf_counter() - started)

@@ -8,6 +8,8 @@ import sys
 
 from mvn_core import backends
 
+from .cases import RULES
+from .paths import PATHS
 from .references import FOLDER, STEPS
 
 FULL_STEPS = 100
@@ -76,13 +78,13 @@ def _add_check_parser(commands) -> None:
                     "rounding bound of mvn_core.conformance.tolerance. Exit status 1 if "
                     "anything fails.")
     lists = "comma-separated; default: all"
-    check.add_argument("--rules", help=f"rules to check ({lists})")
-    check.add_argument("--backends", help=f"backends to check ({lists} that are installed)")
+    check.add_argument("--rules", help=f"rules to check: {', '.join(RULES)} ({lists})")
+    check.add_argument("--backends", help=f"backends to check: {', '.join(backends.NAMES)} "
+                                          f"({lists} that are installed)")
     check.add_argument("--devices", help=f"device names as the table shows them ({lists})")
     check.add_argument("--dtypes", help=f"float16, bfloat16, float32, float64 ({lists} that "
                                         "a backend supports)")
-    check.add_argument("--paths", help=f"paths: pure, pure-jit, torch-adapter, ... ({lists} "
-                                       "that apply)")
+    check.add_argument("--paths", help=f"paths: {', '.join(PATHS)} ({lists} that apply)")
     check.add_argument("--namespace", metavar="MODULE",
                        help="check the Array-API namespace importable as MODULE (the pure "
                             "functions on its default device) instead of the backends")

@@ -39,7 +39,7 @@ def _installed(*names):
 # --- the matrix and its reports --------------------------------------------------------------
 
 def test_default_selection_has_every_rule_backend_dtype_and_path():
-    cells, _, skipped = check.plan(check.Selection())
+    cells, skipped = check.plan(check.Selection())
     ran = {(c.backend, c.path) for c in cells}
     for name in backends.available():
         for path in paths.PATHS.values():
@@ -57,7 +57,7 @@ def test_a_path_may_take_some_rules_or_need_a_module(monkeypatch):
                         paths.Path("only-sgd", paths.run_pure, None, "", rules=("sgd",)))
     monkeypatch.setitem(paths.PATHS, "elsewhere",
                         paths.Path("elsewhere", paths.run_pure, None, "", requires=("no_such",)))
-    cells, _, skipped = check.plan(check.Selection(rules=("sgd", "adam"), backends=("numpy",),
+    cells, skipped = check.plan(check.Selection(rules=("sgd", "adam"), backends=("numpy",),
                                                    paths=("only-sgd", "elsewhere")))
     assert {(c.rule, c.path) for c in cells} == {("sgd", "only-sgd")}
     assert [(k.path, k.reason) for k in skipped] == [("elsewhere", "no_such is not installed")]
