@@ -9,6 +9,9 @@ Each backend module offers:
 - ``compile(fn)``: its compiler (``jax.jit``, ``torch.compile``) or ``fn`` itself;
 - ``synchronize(x=None)``: wait for queued device work (for timing).
 
+:mod:`.generic` makes the same functions for any Array-API namespace named by its
+module, for checking a library that has no module here.
+
 Importing this package imports no array library; a backend's library is imported the
 first time one of its functions needs it.
 """
@@ -21,8 +24,11 @@ from types import ModuleType
 NAMES = ("numpy", "array_api_strict", "torch", "jax", "cupy")
 
 
-def get(name: str) -> ModuleType:
-    """The backend module called ``name`` (one of :data:`NAMES`)."""
+def get(name):
+    """The backend module called ``name`` (one of :data:`NAMES`); a backend object
+    (such as :func:`.generic.from_module` returns) is returned as it is."""
+    if not isinstance(name, str):
+        return name
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
     return importlib.import_module(f"{__name__}.{name}")

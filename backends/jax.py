@@ -55,6 +55,14 @@ def dtypes(device=None):
     return found
 
 
+def enable_x64():
+    """Turn on float64 (``jax_enable_x64``), a process-wide switch; arrays made with an
+    explicit float32 dtype stay float32."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
 def compile(fn):
     import jax
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from mvn_core import backends
+
+from .cases import RULES
+from .paths import PATHS
+from .references import FOLDER, STEPS
+
+FULL_STEPS = 100
 
 
 def main(argv=None) -> int:
@@ -32,7 +39,19 @@ def main(argv=None) -> int:
     claims.add_argument("--out", default=".", help="folder for the PNGs (default: here)")
     claims.add_argument("--no-plot", action="store_true", help="print the tables only")
 
+    _add_check_parser(commands)
+    goldens = commands.add_parser(
+        "goldens", help="write the golden trajectories again, from the float64 oracle")
+    goldens.add_argument("--out", default=None,
+                         help="folder to write them to (default: the package's own)")
+    goldens.add_argument("--steps", type=int, default=STEPS,
+                         help=f"steps of every trajectory (default {STEPS})")
+
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(parser, args)
+    if args.command == "goldens":
+        return _goldens(args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -47,6 +66,133 @@ def main(argv=None) -> int:
         from .claims import run_claims
 
         run_claims(args.out, plot=not args.no_plot)
+    return 0
+
+
+def _add_check_parser(commands) -> None:
+    check = commands.add_parser(
+        "check", help="run the conformance matrix (rule x backend/device x dtype x path) "
+                      "against the float64 oracle and print one table",
+        description="Run every selected rule on every installed backend, device, dtype and "
+                    "path against the float64 oracle (or its stored goldens), within the "
+                    "rounding bound of mvn_core.conformance.tolerance. Exit status 1 if "
+                    "anything fails.")
+    lists = "comma-separated; default: all"
+    check.add_argument("--rules", help=f"rules to check: {', '.join(RULES)} ({lists})")
+    check.add_argument("--backends", help=f"backends to check: {', '.join(backends.NAMES)} "
+                                          f"({lists} that are installed)")
+    check.add_argument("--devices", help=f"device names as the table shows them ({lists})")
+    check.add_argument("--dtypes", help=f"float16, bfloat16, float32, float64 ({lists} that "
+                                        "a backend supports)")
+    check.add_argument("--paths", help=f"paths: {', '.join(PATHS)} ({lists} that apply)")
+    check.add_argument("--namespace", metavar="MODULE",
+                       help="check the Array-API namespace importable as MODULE (the pure "
+                            "functions on its default device) instead of the backends")
+    check.add_argument("--reference", choices=("oracle", "goldens"), default=None,
+                       help="compare with the float64 oracle (default) or the stored goldens")
+    check.add_argument("--goldens", metavar="DIR", default=None,
+                       help="golden files to use (implies --reference goldens; default: "
+                            "those shipped with the package)")
+    steps = check.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=STEPS,
+                       help=f"steps per run (default {STEPS}, the goldens' number)")
+    steps.add_argument("--full", action="store_true",
+                       help=f"{FULL_STEPS} steps per run (with the oracle)")
+    check.add_argument("--peers", action="store_true",
+                       help="also run the cross-checks against torch.optim, optax, timm and "
+                            "adabelief-pytorch (for the selected rules and dtypes)")
+    check.add_argument("--json", metavar="PATH", help="write the JSON report to PATH ('-': stdout)")
+    check.add_argument("--markdown", metavar="PATH",
+                       help="write the table in Markdown to PATH ('-': stdout)")
+    check.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+def _check(parser, args) -> int:
+    from .check import Selection, run_check
+    from .references import GoldenError
+    from .report import as_json, markdown, text_lines
+
+    if args.json == "-" and args.markdown == "-":
+        parser.error("only one of --json and --markdown can go to stdout")
+    try:
+        selection = Selection(
+            rules=_names(args.rules), backends=_names(args.backends),
+            devices=_names(args.devices), dtypes=_names(args.dtypes), paths=_names(args.paths),
+            namespace=args.namespace, steps=FULL_STEPS if args.full else args.steps,
+            reference=args.reference or ("goldens" if args.goldens else "oracle"),
+            goldens=args.goldens, peers=args.peers)
+    except ValueError as error:
+        parser.error(str(error))
+    progress = _Progress(enabled=not args.no_progress)
+    try:
+        report = run_check(selection, progress)
+    except GoldenError as error:
+        print(f"mvn-core check: {error}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    if "-" not in (args.json, args.markdown):
+        print("\n".join(text_lines(report)))
+    if args.json:
+        _write(args.json, json.dumps(as_json(report), indent=1, allow_nan=False) + "\n")
+    if args.markdown:
+        _write(args.markdown, markdown(report))
+    return 0 if report.passed else 1
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+class _Progress:
+    """Progress of the check on stderr: a tqdm bar on a terminal where tqdm is
+    installed, else one line per cell."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, done: int, total: int, cell) -> None:
+        if not self.enabled:
+            return
+        if done == 1:
+            self.bar = _tqdm_bar(total)
+        if self.bar is None:
+            print(f"[{done}/{total}] {cell.label}: {cell.status}", file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix_str(cell.label, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tqdm_bar(total: int):
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="mvn-core check", unit="cell", file=sys.stderr, leave=False)
+
+
+def _goldens(args) -> int:
+    from .references import write_goldens
+
+    folder = args.out or FOLDER
+    manifest = write_goldens(folder, steps=args.steps)
+    print(f"wrote {len(manifest['trajectories'])} trajectories of {args.steps} steps and the "
+          f"problem to {folder}")
     return 0
 
 

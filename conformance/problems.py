@@ -38,6 +38,23 @@ def rounded(problem: Problem, dtype) -> Problem:
     return Problem([r(p) for p in problem.params], [[r(g) for g in gs] for gs in problem.grads])
 
 
+# The dtypes a portable problem is exact in.
+PORTABLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def portable(problem: Problem) -> Problem:
+    """The problem with every value exactly representable in float16, bfloat16, float32
+    and float64 (held in float64), so that one float64 reference serves runs in every
+    dtype, and stored golden trajectories need one file per setting, not per dtype.
+
+    Rounding to bfloat16 (8 significant bits) and then to float16 (whose subnormal
+    spacing 2**-24 only removes bits) gives values with at most 8 significant bits in
+    float16's range: both conversions are then exact.  Values below float16's
+    subnormals become zero, which the rules take like any other gradient.
+    """
+    return rounded(rounded(problem, "bfloat16"), "float16")
+
+
 def round_to(values, dtype) -> np.ndarray:
     """``values`` rounded to the nearest numbers of ``dtype``, as a NumPy array.  NumPy
     has no bfloat16: its values are kept in float32, with 8 significant bits."""

@@ -49,14 +49,15 @@ def targets() -> list[tuple[Target, str | None]]:
         if reason is not None:
             out.append((Target(name), reason))
             continue
-        for device in _devices(name):
+        for device in devices(name):
             out.append((Target(name, device), None))
             if name in COMPILED:
                 out.append((Target(name, device, compiled=True), None))
     return out
 
 
-def _devices(name):
+def devices(name: str) -> list:
+    """The devices of backend ``name`` worth checking."""
     lib = backends.get(name)
     if name == "array_api_strict":
         # device1/device2 behave like the CPU device; these two differ in dtypes.

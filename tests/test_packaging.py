@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pathlib
 import subprocess
@@ -73,6 +74,19 @@ def test_wheel_holds_only_the_mvn_core_package(wheel):
     assert "mvn-core = mvn_core.conformance.cli:main" in zipfile.ZipFile(wheel).read(metadata).decode()
 
 
+def test_wheel_holds_the_goldens(wheel):
+    """``mvn-core check --reference goldens`` needs every file its manifest names."""
+    archive = zipfile.ZipFile(wheel)
+    folder = "mvn_core/conformance/goldens/"
+    manifest = json.loads(archive.read(folder + "manifest.json"))
+    files = [manifest["problem"]["file"]] + [e["file"] for e in manifest["trajectories"]]
+    assert len(files) > 20
+    for name in files:
+        assert folder + name in archive.namelist()
+    stored = sorted(n for n in archive.namelist() if n.startswith(folder))
+    assert stored == sorted(folder + name for name in files + ["manifest.json"])
+
+
 def test_regular_install_gives_the_same_import_names(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
@@ -80,7 +94,9 @@ def test_regular_install_gives_the_same_import_names(wheel, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run(
         [sys.executable, "-c", "import mvn_core, mvn_core.backends, mvn_core.adapters, "
-         "mvn_core.conformance.oracle as o; print(mvn_core.__file__); print(o.__file__)"],
+         "mvn_core.conformance.oracle as o; print(mvn_core.__file__); print(o.__file__)\n"
+         "from mvn_core.conformance.references import Goldens\n"
+         "g = Goldens(); g.problem(); print(g.folder)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         assert line.startswith(str(target))

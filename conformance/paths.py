@@ -1,0 +1,226 @@
+"""The registry of paths: the ways a rule can be executed, each checked against the oracle.
+
+A :class:`Path` names one way (the pure functions, eagerly or compiled; an adapter;
+a fast path of an adapter), the backends it applies to, and a function::
+
+    run(rule_name, backend, device, dtype, problem, **hyper) -> trajectory
+
+that runs the rule with ``hyper`` (the rule's own names, as ``mvn_core.<rule>_update``
+takes them) over the :class:`~.problems.Problem` in the floating ``dtype`` (a name) on
+``device``, and returns per step the list of parameters as float64 NumPy arrays.  For
+GAN, a transform, it returns each step's transformed gradients: an adapter that takes
+GAN only as an option in front of an optimizer runs it before SGD with ``lr=1`` from
+zero parameters reset at every step, whose parameters are then exactly minus the
+transformed gradients.
+
+``mvn-core check`` runs every registered path on every backend it applies to.  Adding a
+path is one registration; a fast path of the PyTorch optimizers, selected by an
+option of the optimizer, is one line::
+
+    register(torch_adapter_path("torch-foreach", foreach=True))
+
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+import mvn_core
+from mvn_core import backends
+
+from .trajectories import core_trajectory
+
+
+@dataclass(frozen=True)
+class Path:
+    """One way of executing the rules.
+
+    ``backends`` lists the backend names it runs on (None: every backend, a
+    ``--namespace`` one included); ``requires`` the modules it needs beyond the
+    backend's library (a path whose module is missing is reported as skipped);
+    ``rules`` the rules it takes (None: all of them).
+    """
+
+    name: str
+    run: Callable
+    backends: tuple[str, ...] | None
+    description: str
+    requires: tuple[str, ...] = ()
+    rules: tuple[str, ...] | None = None
+
+    def applies_to(self, backend: str) -> bool:
+        return self.backends is None or backend in self.backends
+
+    def takes(self, rule: str) -> bool:
+        return self.rules is None or rule in self.rules
+
+    def unavailable_reason(self) -> str | None:
+        absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return f"{', '.join(absent)} is not installed" if absent else None
+
+
+PATHS: dict[str, Path] = {}
+
+
+def register(path: Path) -> Path:
+    """Add ``path`` to :data:`PATHS` (its name must be new); returns it."""
+    if path.name in PATHS:
+        raise ValueError(f"a path called {path.name!r} is already registered")
+    PATHS[path.name] = path
+    return path
+
+
+# --- the pure functions -----------------------------------------------------------------
+
+def run_pure(rule_name, backend, device, dtype, problem, *, compiled=False, **hyper):
+    """The rule's pure functions (:func:`~.trajectories.core_trajectory`), each step
+    through the backend's compile hook when ``compiled``."""
+    return as_float64(core_trajectory(rule_name, backend, problem, dtype=dtype, device=device,
+                                      compiled=compiled, **hyper))
+
+
+# --- the adapters ----------------------------------------------------------------------
+
+def run_torch_adapter(rule_name, backend, device, dtype, problem, *, options=None, **hyper):
+    """The ``torch.optim`` optimizer of :mod:`mvn_core.adapters.torch`, made with the
+    extra constructor ``options`` (e.g. a fast path's switch)."""
+    from mvn_core.adapters import torch as adapter
+
+    options = dict(options or {})
+
+    def make(params):
+        if rule_name == "gan":
+            return adapter.SGD(params, lr=1.0, gan=dict(hyper), **options)
+        cls = getattr(adapter, mvn_core.rules[rule_name].class_name)
+        return cls(params, **torch_arguments(cls, hyper), **options)
+
+    def step(optimizer, params, grads):
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+
+    return _run_in_place(backend, device, dtype, problem, make, step, rule_name == "gan")
+
+
+def torch_arguments(cls, hyper: dict) -> dict:
+    """The core's hyperparameters in the names of the torch optimizer ``cls``: the
+    betas it takes as a pair gathered into ``betas`` (the rule's defaults filling in)."""
+    out = {k: v for k, v in hyper.items() if k not in cls.beta_names}
+    if any(name in hyper for name in cls.beta_names):
+        out["betas"] = tuple(hyper.get(name, cls.rule.defaults[name]) for name in cls.beta_names)
+    return out
+
+
+def run_arrays_adapter(rule_name, backend, device, dtype, problem, **hyper):
+    """The in-place optimizer of :mod:`mvn_core.adapters.arrays` (NumPy, CuPy)."""
+    from mvn_core.adapters import arrays as adapter
+
+    def make(params):
+        if rule_name == "gan":
+            return adapter.SGD(params, lr=1.0, gan=dict(hyper))
+        return adapter.OPTIMIZERS[rule_name](params, **hyper)
+
+    def step(optimizer, params, grads):
+        optimizer.step(grads)
+
+    return _run_in_place(backend, device, dtype, problem, make, step, rule_name == "gan")
+
+
+def _run_in_place(backend, device, dtype, problem, make, step, gan: bool) -> list:
+    """Drive a stateful optimizer that updates its parameters in place.
+
+    ``make(params)`` builds it, ``step(optimizer, params, grads)`` takes one step.  With
+    ``gan`` the optimizer is SGD (lr 1, no momentum) behind GAN: the parameters are
+    zeroed before each step, so afterwards they are exactly minus GAN's output.
+    """
+    lib = backends.get(backend)
+    params = _convert(lib, problem.params, device, dtype)
+    optimizer = make(params)
+    out = []
+    for grads in problem.grads:
+        if gan:
+            for p in params:
+                p[...] = 0
+        step(optimizer, params, _convert(lib, grads, device, dtype))
+        values = float64_copies(lib.to_numpy(p) for p in params)
+        out.append([-v for v in values] if gan else values)
+    return out
+
+
+def run_optax_adapter(rule_name, backend, device, dtype, problem, *, jit=False, **hyper):
+    """The ``optax.GradientTransformation`` of :mod:`mvn_core.adapters.optax` (GAN's is a
+    transform of its own), stepped eagerly or under ``jax.jit``."""
+    import jax
+    import optax
+
+    tx = _optax_transformation(rule_name, dict(hyper))
+    gan = rule_name == "gan"
+
+    def one_step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return (updates if gan else optax.apply_updates(params, updates)), state
+
+    if jit:
+        one_step = jax.jit(one_step)
+    lib = backends.get(backend)
+    params = _convert(lib, problem.params, device, dtype)
+    state = tx.init(params)
+    out = []
+    for grads in problem.grads:
+        result, state = one_step(params, state, _convert(lib, grads, device, dtype))
+        params = params if gan else result
+        out.append([lib.to_numpy(x) for x in result])
+    return as_float64(out)
+
+
+def _optax_transformation(rule_name: str, hyper: dict):
+    from mvn_core.adapters import optax as adapter
+
+    if rule_name == "gan":
+        return adapter.gan(**hyper)
+    factory = getattr(adapter, OPTAX_NAMES.get(rule_name, rule_name))
+    return factory(hyper.pop("lr", mvn_core.rules[rule_name].defaults["lr"]), **hyper)
+
+
+OPTAX_NAMES = {"mvn": "mvn_grad"}  # the optax adapter's name of a rule, where it differs
+
+
+def _convert(lib, arrays, device, dtype) -> list:
+    return [lib.from_numpy(a, device=device, dtype=dtype) for a in arrays]
+
+
+def as_float64(trajectory) -> list:
+    """A trajectory (per step, NumPy arrays) as float64 copies."""
+    return [float64_copies(step) for step in trajectory]
+
+
+def float64_copies(arrays) -> list:
+    """Float64 copies of NumPy arrays: a path may hand back views of arrays that it goes
+    on updating in place."""
+    return [np.array(x, dtype=np.float64) for x in arrays]
+
+
+# --- the registrations -------------------------------------------------------------------
+
+def torch_adapter_path(name: str, description: str = "", **options) -> Path:
+    """A path through the PyTorch optimizers made with ``options`` (a fast path's switch)."""
+    return Path(name, functools.partial(run_torch_adapter, options=options), ("torch",),
+                description or f"mvn_core.adapters.torch optimizers with {options}")
+
+
+register(Path("pure", run_pure, None, "the pure functions, eagerly"))
+register(Path("pure-jit", functools.partial(run_pure, compiled=True), ("jax",),
+              "the pure functions, each step under jax.jit"))
+register(torch_adapter_path("torch-adapter", "mvn_core.adapters.torch optimizers (eager)"))
+register(Path("optax-adapter", run_optax_adapter, ("jax",),
+              "mvn_core.adapters.optax transformations, eagerly", requires=("optax",)))
+register(Path("optax-adapter-jit", functools.partial(run_optax_adapter, jit=True), ("jax",),
+              "mvn_core.adapters.optax transformations, each step under jax.jit",
+              requires=("optax",)))
+register(Path("arrays-adapter", run_arrays_adapter, ("numpy", "cupy"),
+              "mvn_core.adapters.arrays in-place optimizers"))
