@@ -35,6 +35,7 @@ from ._torch_lists import namespace as lists
 
 CHUNK = 1 << 18  # elements per multi-tensor list: a few arrays of it fit in L2 cache
 BATCH = 16  # tensors per compiled call: compile time grows with it, overhead shrinks
+# (a group's last, shorter batch compiles once more: every list length is a graph)
 
 
 def reference(rule: Rule, params, grads, columns, count, hyper):
@@ -74,14 +75,13 @@ def fused(rule: Rule, params, grads, columns, count, hyper):
         wide = torch.float64 if device.type != "mps" else torch.float32
         as_tensors = {k: _as_tensor(v, wide, device) for k, v in hyper.items()}
         c = tensor_rule.scalars(xp, new_count, dtype, as_tensors, hyper_dtype=wide)
-        kernel = _compiled_kernel(tensor_rule, (dtype, wide, device.type, decays, flags))
-        whole = len(members) - len(members) % BATCH
-        for start in range(0, whole, BATCH):
+        for start in range(0, len(members), BATCH):
             batch = members[start:start + BATCH]
+            kernel = _compiled_kernel(tensor_rule, (dtype, wide, device.type, decays, flags,
+                                                    len(batch)))
             kernel(c, [_flat(params[i]) for i in batch], [_flat(grads[i]) for i in batch],
                    [[_flat(column[i]) for i in batch] for column in columns], decays)
-        odd += members[whole:]
-    if odd:  # a few tensors would each cost a compilation of their own: run them eagerly
+    if odd:  # tensors of one element or not contiguous: each would compile apart
         pick = sorted(odd)
         multi_tensor(rule, [params[i] for i in pick], [grads[i] for i in pick],
                      [[column[i] for i in pick] for column in columns], count, hyper)

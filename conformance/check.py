@@ -41,7 +41,8 @@ class Selection:
     ``devices`` are names as the table shows them (``cpu``, ``cuda0``, ``no_float64``);
     ``namespace`` names an importable Array-API namespace to check instead of the
     registered backends, through the paths that take any backend (the pure functions).
-    ``steps`` beyond the goldens' need ``reference="oracle"``.
+    ``steps`` beyond the goldens' need ``reference="oracle"``.  Paths registered with
+    ``by_default=False`` run when named in ``paths`` or with ``every_path``.
     """
 
     rules: tuple[str, ...] | None = None
@@ -55,6 +56,7 @@ class Selection:
     reference: str = "oracle"
     goldens: Any = None  # a folder; None: the goldens shipped with the package
     peers: bool = False
+    every_path: bool = False  # also the paths left out by default (slow to compile)
 
     def __post_init__(self) -> None:
         for name, known in (("rules", RULES), ("backends", backends.NAMES), ("dtypes", DTYPES),
@@ -179,7 +181,8 @@ class _Target:
 def plan(selection: Selection) -> tuple[list[Cell], list[Skipped]]:
     """The cells to run, in the table's order, and what is skipped."""
     targets, skipped = _targets(selection)
-    paths = [p for p in PATHS.values() if selection.paths is None or p.name in selection.paths]
+    paths = [p for p in PATHS.values() if p.name in selection.paths] if selection.paths else \
+        [p for p in PATHS.values() if p.by_default or selection.every_path]
     reasons = {p.name: p.unavailable_reason() for p in paths}
     runnable = {}
     for target in targets:

@@ -97,7 +97,8 @@ def _add_check_parser(commands) -> None:
     steps.add_argument("--steps", type=int, default=STEPS,
                        help=f"steps per run (default {STEPS}, the goldens' number)")
     steps.add_argument("--full", action="store_true",
-                       help=f"{FULL_STEPS} steps per run (with the oracle)")
+                       help=f"{FULL_STEPS} steps per run (with the oracle), and every path, "
+                            "the slow-to-compile ones too (torch-fused)")
     check.add_argument("--peers", action="store_true",
                        help="also run the cross-checks against torch.optim, optax, timm and "
                             "adabelief-pytorch (for the selected rules and dtypes)")
@@ -120,7 +121,7 @@ def _check(parser, args) -> int:
             devices=_names(args.devices), dtypes=_names(args.dtypes), paths=_names(args.paths),
             namespace=args.namespace, steps=FULL_STEPS if args.full else args.steps,
             reference=args.reference or ("goldens" if args.goldens else "oracle"),
-            goldens=args.goldens, peers=args.peers)
+            goldens=args.goldens, peers=args.peers, every_path=args.full)
     except ValueError as error:
         parser.error(str(error))
     progress = _Progress(enabled=not args.no_progress)

@@ -23,6 +23,7 @@ option of the optimizer, is one line::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Path:
     description: str
     requires: tuple[str, ...] = ()
     rules: tuple[str, ...] | None = None
+    by_default: bool = True  # False: only when named with --paths, or with --full
 
     def applies_to(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -116,14 +118,14 @@ def torch_arguments(cls, hyper: dict) -> dict:
     return out
 
 
-def run_arrays_adapter(rule_name, backend, device, dtype, problem, **hyper):
+def run_arrays_adapter(rule_name, backend, device, dtype, problem, fused=False, **hyper):
     """The in-place optimizer of :mod:`mvn_core.adapters.arrays` (NumPy, CuPy)."""
     from mvn_core.adapters import arrays as adapter
 
     def make(params):
         if rule_name == "gan":
             return adapter.SGD(params, lr=1.0, gan=dict(hyper))
-        return adapter.OPTIMIZERS[rule_name](params, **hyper)
+        return adapter.OPTIMIZERS[rule_name](params, fused=fused, **hyper)
 
     def step(optimizer, params, grads):
         optimizer.step(grads)
@@ -224,3 +226,13 @@ register(Path("optax-adapter-jit", functools.partial(run_optax_adapter, jit=True
               requires=("optax",)))
 register(Path("arrays-adapter", run_arrays_adapter, ("numpy", "cupy"),
               "mvn_core.adapters.arrays in-place optimizers"))
+register(torch_adapter_path("torch-reference",
+                            "mvn_core.adapters.torch optimizers calling the pure rule "
+                            "(foreach=False)", foreach=False))
+# Each rule x dtype x option compiles for some seconds: run with --paths or --full.
+register(dataclasses.replace(
+    torch_adapter_path("torch-fused", "mvn_core.adapters.torch optimizers, fused=True "
+                       "(torch.compile)", fused=True), by_default=False))
+register(Path("arrays-fused", functools.partial(run_arrays_adapter, fused=True), ("cupy",),
+              "mvn_core.adapters.arrays on CuPy, fused=True (one traced kernel per tensor)",
+              rules=tuple(n for n, r in mvn_core.rules.items() if r.per_coordinate)))

@@ -44,7 +44,7 @@ def test_default_selection_has_every_rule_backend_dtype_and_path():
     for name in backends.available():
         for path in paths.PATHS.values():
             if path.applies_to(name) and not path.unavailable_reason():
-                assert (name, path.name) in ran
+                assert ((name, path.name) in ran) == path.by_default
     assert {c.rule for c in cells} == set(RULES)
     unavailable = {k.backend for k in skipped if k.path == "all"}
     assert unavailable == set(backends.NAMES) - set(backends.available())
@@ -68,8 +68,9 @@ def test_every_installed_path_passes_for_two_rules(capsys):
     status, report, _ = _check(capsys, "--rules", "novograd,gan")
     assert status == 0
     ran = {(c["backend"], c["path"]) for c in report["cells"]}
-    assert len(ran) == sum(p.applies_to(n) and not p.unavailable_reason()
-                           for n in backends.available() for p in paths.PATHS.values())
+    assert len(ran) == sum(p.applies_to(n) and not p.unavailable_reason() and p.by_default
+                           and p.takes("novograd") for n in backends.available()
+                           for p in paths.PATHS.values())
     for cell in report["cells"]:
         assert cell["status"] == "pass" and len(cell["runs"]) == 3, cell
 
@@ -347,3 +348,13 @@ def test_a_failing_peer_fails_the_check(capsys, monkeypatch):
                                "float32", "--paths", "pure", "--peers")
     assert status == 1 and [r["status"] for r in report["peers"]] == ["fail"]
     assert all(c["status"] == "pass" for c in report["cells"])
+
+
+def test_the_fused_torch_path_runs_when_named(capsys):
+    """Left out by default (compiling takes seconds per rule, dtype and option), it is
+    checked like any other path when asked for."""
+    _installed("torch")
+    status, report, _ = _check(capsys, "--rules", "adam", "--backends", "torch",
+                               "--dtypes", "float32", "--paths", "torch-fused")
+    assert status == 0
+    assert [(c["path"], c["status"]) for c in report["cells"]] == [("torch-fused", "pass")]
