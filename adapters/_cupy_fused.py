@@ -27,6 +27,7 @@ def step(rule, state, params, grads, hyper):
     import array_api_compat.cupy as xp
 
     tensor_rule = rule.tensor_rule
+    _check_dtypes(params, grads, state[1:])
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
     new_count = state.count + 1
@@ -46,17 +47,25 @@ def step(rule, state, params, grads, hyper):
     return type(state)(new_count, *columns)
 
 
+def _check_dtypes(params, grads, columns):
+    """Refuse, before any kernel runs, the dtypes the traced kernels do not take."""
+    arrays = [*params, *grads, *(b for column in columns for b in column)]
+    for a in arrays:
+        if np.dtype(a.dtype) not in _elementwise.C_TYPES or a.dtype == np.bool_:
+            raise TypeError(f"fused=True takes float32 and float64 arrays, got {a.dtype}; "
+                            "use fused=False for other dtypes")
+
+
 def _describe(c) -> tuple:
-    """What a traced kernel depends on in the step's scalars, hashable: flags and
-    numbers by value (they become static choices and constants), arrays by dtype (they
-    become arguments)."""
+    """What a traced kernel depends on in the step's scalars, hashable: flags by value
+    (static choices), numbers and arrays by kind and dtype (they are arguments)."""
     out = []
-    for name, value in sorted(vars(c).items()):
+    for name, value in vars(c).items():
         if isinstance(value, bool):
             out.append((name, "flag", value))
         elif isinstance(value, (int, float)):
-            out.append((name, "number", float(value)))
-        elif hasattr(value, "dtype"):
+            out.append((name, "number", None))
+        else:
             out.append((name, "array", str(value.dtype)))
     return tuple(out)
 
@@ -66,8 +75,8 @@ def _compiled(tensor_rule, dtypes, decays, description):
     """The CuPy kernel for one rule, dtypes, weight decay on/off and scalars."""
     import cupy
 
-    stand_ins = {name: (np.zeros((), dtype=value) if kind == "array" else value)
-                 for name, kind, value in description}
+    stand_ins = {name: {"flag": value, "number": 0.0}.get(kind) if kind != "array"
+                 else np.zeros((), dtype=value) for name, kind, value in description}
     param, grad, state = dtypes
     kernel = _elementwise.trace(tensor_rule, SimpleNamespace(**stand_ins),
                                 {"param": param, "grad": grad, "state": state}, decays)

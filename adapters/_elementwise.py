@@ -11,8 +11,10 @@ a change to the rule changes the kernel.
 Per-coordinate rules only (a reduction such as NovoGrad's norm is not elementwise).
 The body computes exactly what the operations compute one at a time, provided the
 compiler neither contracts ``a * b + c`` into a fused multiply-add nor uses fast
-math (``--fmad=false`` for nvcc, ``-ffp-contract=off`` for g++); constants are written
-as hexadecimal literals, exact in their dtype.
+math (``--fmad=false`` for nvcc, ``-ffp-contract=off`` for g++).  Constants are written
+as hexadecimal literals; Python numbers keep the Array API's weak-scalar rounding
+(double-precision arithmetic among themselves, rounded to an array's dtype on meeting
+it).  Hyperparameters are arguments, so a schedule does not recompile.
 """
 
 from __future__ import annotations
@@ -31,18 +33,23 @@ BOOL = np.dtype(np.bool_)
 
 @dataclass(eq=False)
 class Symbol:
-    """One value per element (or one per launch, for a scalar input) of a traced kernel."""
+    """One value per element (or one per launch, for a scalar argument) of a kernel.
+
+    ``weak`` marks a value of Python's float arithmetic (a literal, a hyperparameter
+    given as a Python number, or arithmetic between them), kept in double precision: as
+    in the Array API, where it meets an array value it is first rounded to that value's
+    dtype.  Other values have their dtype."""
 
     graph: "Graph"
     dtype: np.dtype
     code: str  # a C expression or a variable name
-    ndim: int = 1  # arrays; scalar inputs have ndim 0 (only the count-derived ones)
+    weak: bool = False
 
     def _op(self, op, other, reverse=False):
-        a, b = (self.graph.operand(other, self.dtype), self) if reverse else \
-            (self, self.graph.operand(other, self.dtype))
-        dtype = BOOL if op in ("<", ">", "==", "||") else _wider(a.dtype, b.dtype)
-        return self.graph.emit(dtype, f"({a.code} {op} {b.code})", max(a.ndim, b.ndim))
+        other = self.graph.operand(other)
+        a, b = _meet(*((other, self) if reverse else (self, other)))
+        dtype = BOOL if op in COMPARISONS else _wider(a.dtype, b.dtype)
+        return self.graph.emit(dtype, f"({a.code} {op} {b.code})", a.weak and b.weak)
 
     def __add__(self, o): return self._op("+", o)
     def __radd__(self, o): return self._op("+", o, reverse=True)
@@ -54,16 +61,44 @@ class Symbol:
     def __rtruediv__(self, o): return self._op("/", o, reverse=True)
     def __gt__(self, o): return self._op(">", o)
     def __lt__(self, o): return self._op("<", o)
+    def __ge__(self, o): return self._op(">=", o)
+    def __le__(self, o): return self._op("<=", o)
     def __eq__(self, o): return self._op("==", o)  # noqa: traced, elementwise
+    def __ne__(self, o): return self._op("!=", o)  # noqa: traced, elementwise
     def __or__(self, o): return self._op("||", o)
     def __ror__(self, o): return self._op("||", o, reverse=True)
+    def __and__(self, o): return self._op("&&", o)
+    def __rand__(self, o): return self._op("&&", o, reverse=True)
     __hash__ = object.__hash__
 
     def __neg__(self):
-        return self.graph.emit(self.dtype, f"(-{self.code})", self.ndim)
+        return self.graph.emit(self.dtype, f"(-{self.code})", self.weak)
 
     def __invert__(self):
-        return self.graph.emit(BOOL, f"(!{self.code})", self.ndim)
+        return self.graph.emit(BOOL, f"(!{self.code})")
+
+    def __bool__(self):
+        raise TypeError("a traced value has no truth value: a rule must not branch on "
+                        "array values")
+
+
+COMPARISONS = ("<", ">", "<=", ">=", "==", "!=", "||", "&&")
+
+
+def _meet(a: Symbol, b: Symbol) -> tuple[Symbol, Symbol]:
+    """A weak operand rounded to the other's dtype where the other is not weak."""
+    if a.weak and not b.weak:
+        return _cast(a, b.dtype), b
+    if b.weak and not a.weak:
+        return a, _cast(b, a.dtype)
+    return a, b
+
+
+def _cast(x: Symbol, dtype) -> Symbol:
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype and not x.weak:
+        return x
+    return Symbol(x.graph, dtype, f"(({C_TYPES[dtype]}){x.code})")
 
 
 def _wider(a: np.dtype, b: np.dtype) -> np.dtype:
@@ -76,19 +111,21 @@ class Graph:
 
     lines: list[str] = field(default_factory=list)
 
-    def emit(self, dtype, code, ndim=1) -> Symbol:
+    def emit(self, dtype, code, weak=False) -> Symbol:
         name = f"t{len(self.lines)}"
         self.lines.append(f"{C_TYPES[np.dtype(dtype)]} {name} = {code};")
-        return Symbol(self, np.dtype(dtype), name, ndim)
+        return Symbol(self, np.dtype(dtype), name, weak)
 
-    def operand(self, value, dtype) -> Symbol:
-        """A Symbol, or a Python number as a constant of ``dtype`` (a weak scalar: it is
-        rounded to the other operand's dtype, as the Array API and NumPy do)."""
+    def operand(self, value) -> Symbol:
+        """A Symbol, or a Python number as a weak double-precision constant."""
         if isinstance(value, Symbol):
             return value
         if isinstance(value, bool):
-            return Symbol(self, BOOL, "true" if value else "false", 0)
-        return Symbol(self, dtype, literal(value, dtype), 0)
+            return Symbol(self, BOOL, "true" if value else "false")
+        return Symbol(self, DOUBLE, literal(value, DOUBLE), weak=True)
+
+
+DOUBLE = np.dtype(np.float64)
 
 
 def literal(value: float, dtype) -> str:
@@ -106,35 +143,31 @@ def literal(value: float, dtype) -> str:
 
 def _where(condition, a, b):
     graph = next(x.graph for x in (condition, a, b) if isinstance(x, Symbol))
-    a_, b_ = (graph.operand(x, _dtype_of(a, b)) for x in (a, b))
-    cond = graph.operand(condition, BOOL)
-    return graph.emit(_wider(a_.dtype, b_.dtype), f"({cond.code} ? {a_.code} : {b_.code})")
-
-
-def _dtype_of(*values):
-    return next(v.dtype for v in values if isinstance(v, Symbol) and v.dtype != BOOL)
+    a, b = _meet(graph.operand(a), graph.operand(b))
+    cond = graph.operand(condition)
+    return graph.emit(_wider(a.dtype, b.dtype), f"({cond.code} ? {a.code} : {b.code})",
+                      a.weak and b.weak)
 
 
 def _clip(x, min=None, max=None):
     # NaN passes through, as NumPy's clip lets it: both comparisons are false for it.
     if min is not None:
-        lo = x.graph.operand(min, x.dtype)
-        x = x.graph.emit(x.dtype, f"({x.code} < {lo.code} ? {lo.code} : {x.code})")
+        _, lo = _meet(x, x.graph.operand(min))
+        x = x.graph.emit(x.dtype, f"({x.code} < {lo.code} ? {lo.code} : {x.code})", x.weak)
     if max is not None:
-        hi = x.graph.operand(max, x.dtype)
-        x = x.graph.emit(x.dtype, f"({x.code} > {hi.code} ? {hi.code} : {x.code})")
+        _, hi = _meet(x, x.graph.operand(max))
+        x = x.graph.emit(x.dtype, f"({x.code} > {hi.code} ? {hi.code} : {x.code})", x.weak)
     return x
 
 
 def _astype(x, dtype, copy=True):
-    dtype = np.dtype(dtype)
-    if not isinstance(x, Symbol) or x.dtype == dtype:
+    if not isinstance(x, Symbol) or (x.dtype == np.dtype(dtype) and not x.weak):
         return x
-    return x.graph.emit(dtype, f"(({C_TYPES[dtype]}){x.code})", x.ndim)
+    return _cast(x, dtype)
 
 
 def _constant_like(value):
-    return lambda x: x.graph.operand(value, x.dtype)
+    return lambda x: Symbol(x.graph, x.dtype, literal(value, x.dtype))
 
 
 def _unsupported(name):
@@ -145,11 +178,11 @@ def _unsupported(name):
 
 namespace = SimpleNamespace(
     __name__="mvn_core.adapters._elementwise",
-    sqrt=lambda x: x.graph.emit(x.dtype, f"sqrt({x.code})", x.ndim),
+    sqrt=lambda x: x.graph.emit(x.dtype, f"sqrt({x.code})", x.weak),
     where=_where,
     clip=_clip,
     astype=_astype,
-    isfinite=lambda x: x.graph.emit(BOOL, f"isfinite({x.code})", x.ndim),
+    isfinite=lambda x: x.graph.emit(BOOL, f"isfinite({x.code})"),
     zeros_like=_constant_like(0.0),
     ones_like=_constant_like(1.0),
     sum=_unsupported("sum"),
@@ -160,9 +193,9 @@ namespace = SimpleNamespace(
 class Kernel:
     """A traced step: the argument names and C types, and the body.
 
-    ``inputs``: the gradient (and the parameter when weight decay is on) and the
-    scalars, read-only; ``outputs``: the parameter and the state buffers, read and
-    written in place; ``scalars``: the names of the step's array scalars, in order.
+    ``inputs``: the gradient and the scalar arguments, read-only; ``outputs``: the
+    parameter and the state buffers, read and written in place; ``scalars``: the names
+    (in ``c``) of the scalar arguments, in order: its 0-d arrays and Python numbers.
     """
 
     inputs: tuple[tuple[str, str], ...]
@@ -175,14 +208,24 @@ def trace(tensor_rule, c: SimpleNamespace, dtypes: dict, decays: bool) -> Kernel
     """Trace ``tensor_rule.step_tensor`` for one combination of dtypes.
 
     ``c`` is the step's scalars (from ``TensorRule.scalars``): 0-d arrays become scalar
-    arguments, Python numbers constants and flags static choices.  ``dtypes`` gives the
-    NumPy dtypes of ``"param"``, ``"grad"`` and ``"state"``.
+    arguments of their dtype, Python numbers weak double-precision arguments (so a new
+    learning rate is a new argument, not a new kernel), flags static choices.
+    ``dtypes`` gives the NumPy dtypes of ``"param"``, ``"grad"`` and ``"state"``.
     """
     graph = Graph()
     param, grad, state = (np.dtype(dtypes[k]) for k in ("param", "grad", "state"))
-    scalars = [k for k, v in vars(c).items() if hasattr(v, "dtype") and not isinstance(v, bool)]
-    symbols = {k: v for k, v in vars(c).items() if k not in scalars}
-    symbols.update({k: Symbol(graph, np.dtype(getattr(c, k).dtype), f"s_{k}", 0) for k in scalars})
+    symbols, scalars, types = {}, [], []
+    for name, value in vars(c).items():
+        if isinstance(value, bool):
+            symbols[name] = value
+        elif isinstance(value, (int, float)):
+            symbols[name] = Symbol(graph, DOUBLE, f"s_{name}", weak=True)
+            scalars.append(name)
+            types.append("double")
+        else:  # a 0-d array
+            symbols[name] = Symbol(graph, np.dtype(value.dtype), f"s_{name}")
+            scalars.append(name)
+            types.append(C_TYPES[np.dtype(value.dtype)])
     names = tensor_rule.buffer_names
     old = tuple(Symbol(graph, state, f"b_{n}") for n in names)
     p = Symbol(graph, param, "p")
@@ -190,10 +233,8 @@ def trace(tensor_rule, c: SimpleNamespace, dtypes: dict, decays: bool) -> Kernel
                                           Symbol(graph, grad, "g"), p if decays else None,
                                           old, param)
     lines = list(graph.lines)
-    lines += [f"b_{n} = {value.code};" for n, value in zip(names, new)]
-    lines.append(f"p = p + {update.code};")
-    ctype = C_TYPES.__getitem__
-    inputs = (("g", ctype(grad)),) + tuple(
-        (f"s_{k}", ctype(np.dtype(getattr(c, k).dtype))) for k in scalars)
-    outputs = (("p", ctype(param)),) + tuple((f"b_{n}", ctype(state)) for n in names)
+    lines += [f"b_{n} = {_cast(value, state).code};" for n, value in zip(names, new)]
+    lines.append(f"p = p + {_cast(update, param).code};")
+    inputs = (("g", C_TYPES[grad]),) + tuple((f"s_{n}", t) for n, t in zip(scalars, types))
+    outputs = (("p", C_TYPES[param]),) + tuple((f"b_{n}", C_TYPES[state]) for n in names)
     return Kernel(inputs, outputs, tuple(scalars), "\n".join(lines))

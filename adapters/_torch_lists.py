@@ -42,7 +42,11 @@ class TensorList:
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        return _binary(torch._foreach_div, self, other)
+        if isinstance(other, TensorList):
+            return _binary(torch._foreach_div, self, other)
+        # By a scalar, CUDA's multi-tensor kernel multiplies by its reciprocal, which
+        # rounds differently from ``t / s``: divide tensor by tensor instead.
+        return _each(torch.div, self, other)
 
     def __rtruediv__(self, other):
         return TensorList(other / t for t in self.tensors)
@@ -64,15 +68,33 @@ class TensorList:
     def __lt__(self, other):
         return _each(torch.lt, self, other)
 
+    def __ge__(self, other):
+        return _each(torch.ge, self, other)
+
+    def __le__(self, other):
+        return _each(torch.le, self, other)
+
     def __eq__(self, other):  # elementwise, as for arrays
         return _each(torch.eq, self, other)
 
+    def __ne__(self, other):
+        return _each(torch.ne, self, other)
+
     __hash__ = None
+
+    def __bool__(self):
+        raise TypeError("the truth value of a TensorList is ambiguous: a rule must not "
+                        "branch on array values")
 
     def __or__(self, other):
         return _each(torch.logical_or, self, other)
 
     __ror__ = __or__
+
+    def __and__(self, other):
+        return _each(torch.logical_and, self, other)
+
+    __rand__ = __and__
 
     def __invert__(self):
         return TensorList(torch.logical_not(t) for t in self.tensors)
@@ -116,7 +138,9 @@ def _clip(x, min=None, max=None):
 
 
 def _astype(x, dtype, copy=True):
-    return x if x.dtype == dtype and not copy else TensorList(t.to(dtype) for t in x.tensors)
+    if x.dtype == dtype and not copy:
+        return x
+    return TensorList(t.to(dtype, copy=copy) for t in x.tensors)
 
 
 namespace = SimpleNamespace(

@@ -22,6 +22,7 @@ count and buffers; params are updated in place.
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 from typing import Any
 
@@ -51,7 +52,9 @@ def multi_tensor(rule: Rule, params, grads, columns, count, hyper):
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
     new_count = count + 1
-    for members, dtype in _same_dtypes(params, grads, columns):
+    device = params[0].device if params else None
+    hyper = {k: _on(v, device) for k, v in hyper.items()}
+    for members, dtype, _ in _same_dtypes(params, grads, columns, tensor_rule=tensor_rule):
         c = tensor_rule.scalars(xp, new_count, dtype, hyper)
         for part in _lists(members, params, grads, columns, split=rule.per_coordinate):
             p, g, old = part[0], part[1], tuple(part[2:])
@@ -70,14 +73,14 @@ def fused(rule: Rule, params, grads, columns, count, hyper):
     flags = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, bool)))
     new_count = count + 1
     odd = [i for i in range(len(params)) if not _compilable(params[i], grads[i], columns, i)]
-    for members, dtype in _same_dtypes(params, grads, columns, exclude=set(odd)):
+    for members, dtype, dtypes in _same_dtypes(params, grads, columns, set(odd), tensor_rule):
         device = params[members[0]].device
         wide = torch.float64 if device.type != "mps" else torch.float32
         as_tensors = {k: _as_tensor(v, wide, device) for k, v in hyper.items()}
         c = tensor_rule.scalars(xp, new_count, dtype, as_tensors, hyper_dtype=wide)
         for start in range(0, len(members), BATCH):
             batch = members[start:start + BATCH]
-            kernel = _compiled_kernel(tensor_rule, (dtype, wide, device.type, decays, flags,
+            kernel = _compiled_kernel(tensor_rule, (dtypes, wide, device.type, decays, flags,
                                                     len(batch)))
             kernel(c, [_flat(params[i]) for i in batch], [_flat(grads[i]) for i in batch],
                    [[_flat(column[i]) for i in batch] for column in columns], decays)
@@ -106,6 +109,12 @@ def _flat(t):
 PATHS = {"reference": reference, "multi_tensor": multi_tensor, "fused": fused}
 
 
+def _on(value, device):
+    """An array hyperparameter on the params' device (multi-tensor kernels on CUDA refuse
+    a CPU scalar tensor)."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
 def _as_tensor(value, dtype, device):
     # Python numbers would be baked into the compiled code: a new value would recompile.
     if isinstance(value, float):
@@ -113,10 +122,13 @@ def _as_tensor(value, dtype, device):
     return value
 
 
+_KERNEL_NUMBERS = itertools.count()
+
+
 @functools.cache
 def _compiled_kernel(tensor_rule, key):
-    """The compiled step of ``tensor_rule`` for one combination ``key`` of dtypes,
-    device type and static options; shapes are dynamic.  Each key gets a code object
+    """The compiled step of ``tensor_rule`` for one combination ``key`` of the tensors'
+    dtypes, device type, static options and batch length; shapes are dynamic.  Each key gets a code object
     of its own, hence a compilation cache of its own: torch.compile stops recompiling a
     code object after a few variants and would silently fall back to eager."""
 
@@ -128,21 +140,22 @@ def _compiled_kernel(tensor_rule, key):
             for buffer, value in zip(old, new):
                 buffer.copy_(value)
 
-    name = f"{tensor_rule.name}_step_{abs(hash(key)):x}"
+    name = f"{tensor_rule.name}_step_{next(_KERNEL_NUMBERS)}"
     code = kernel.__code__.replace(co_name=name)
     own = types.FunctionType(code, kernel.__globals__, name, None, kernel.__closure__)
     return torch.compile(own, dynamic=True)
 
 
-def _same_dtypes(params, grads, columns, exclude=frozenset()):
+def _same_dtypes(params, grads, columns, exclude=frozenset(), tensor_rule=None):
     """Indices of the tensors sharing gradient, state and parameter dtypes, and the
-    dtype they are computed in."""
+    dtype the rule computes them in (the core's promotion)."""
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if i in exclude:
             continue
-        groups.setdefault((g.dtype, columns[0][i].dtype, p.dtype), []).append(i)
-    return [(members, xp.result_type(*key, torch.float32)) for key, members in groups.items()]
+        key = (g.dtype, p.dtype, *(column[i].dtype for column in columns))
+        groups.setdefault(key, []).append(i)
+    return [(members, tensor_rule.compute_dtype(xp, *key), key) for key, members in groups.items()]
 
 
 def _lists(members, params, grads, columns, split):

@@ -62,12 +62,18 @@ class ArrayOptimizer:
         params = tuple(params)
         self._library = _library_of(params)
         _check_writable(params)
-        self.fused = _checked_fused(fused, self.rule, self._library)
+        _check_disjoint(params)
+        self._fused = _checked_fused(fused, self.rule, self._library)
         self.params = params
         self.hyperparameters = {**self.rule.defaults, **hyperparameters}
         self._gan = gan_options
         self._device = array_api_compat.device(params[0])
         self._state, self._gan_state = state, gan_state
+
+    @property
+    def fused(self) -> bool:
+        """Whether steps run the fused CuPy kernels (fixed when the optimizer is made)."""
+        return self._fused
 
     @property
     def state(self) -> Any:
@@ -294,6 +300,26 @@ def _check_writable(params: tuple) -> None:
             raise ValueError(f"params[{i}] is the same array as params[{seen[id(p)]}]: it would be "
                              "updated twice per step")
         seen[id(p)] = i
+
+
+def _check_disjoint(params: tuple) -> None:
+    """Refuse params whose memory overlaps (views of one buffer): an overlapping element
+    would be updated once per view.  Memory extents are compared, sorted, once."""
+    extents = sorted((*_extent(p), i) for i, p in enumerate(params) if p.size)
+    for (_, end, i), (start, _, j) in zip(extents, extents[1:]):
+        if start < end:
+            raise ValueError(f"params[{min(i, j)}] and params[{max(i, j)}] share memory (views "
+                             "of one array?): each element would be updated more than once")
+
+
+def _extent(a: Any) -> tuple[int, int]:
+    """The first and one-past-last byte address an array may touch."""
+    if isinstance(a, np.ndarray):
+        low, high = np.lib.array_utils.byte_bounds(a)
+        return low, high
+    first = a.data.ptr  # CuPy: the extent spanned by the strides from the first element
+    span = sum((n - 1) * s for n, s in zip(a.shape, a.strides))
+    return min(first, first + span), max(first, first + span) + a.itemsize
 
 
 def _check_keys(label: str, value: Any, keys: tuple) -> None:

@@ -6,7 +6,8 @@ Three forms, all made by one factory, :func:`_transformation`:
   ``laprop``, ``sgd``), whose updates include the learning rate, as ``optax.adam``;
 - ``scale_by_<rule>``: the rule's direction with optax's sign convention, so that
   ``optax.chain(scale_by_adam(), optax.scale_by_learning_rate(lr))`` is ``adam(lr)``
-  without weight decay;
+  without weight decay (bit for bit for float32 and float64 params; for bfloat16 the
+  direction is rounded to bfloat16 before the rate applies);
 - ``gan``: a transformation of the gradients, to put in front of another one.
 
 A transformation only moves data: ``update`` flattens the gradient pytree (``None``
@@ -215,7 +216,8 @@ def _scale_by_doc(rule: mvn_core.Rule) -> str:
     return "\n\n".join([
         f"The direction of {rule.title}, with optax's sign convention (no learning rate).",
         f"``optax.chain(scale_by_{rule.name}(...), optax.scale_by_learning_rate(lr))``\n"
-        f"makes the same steps as the optimizer with ``learning_rate=lr``.\n{decay}",
+        f"makes the same steps as the optimizer with ``learning_rate=lr`` (bit for bit\n"
+        f"for float32 and float64 params; in bfloat16 the direction is rounded first).\n{decay}",
         _STATE_DOC.format(state=rule.state_type.__name__),
         _rule_doc(rule),
     ])

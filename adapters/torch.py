@@ -24,7 +24,7 @@ step compiles for some seconds; results differ from the pure rule's by rounding)
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -39,6 +39,16 @@ OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None
 BETAS = {"maxva": ("b1", "b2_max"), "mvn": ("b1", "b2"), "novograd": ("b1", "b2"),
          "adam": ("b1", "b2"), "adabelief": ("b1", "b2"), "laprop": ("b1", "b2")}
 STEP = "step"
+
+
+class _Plan(NamedTuple):
+    """A group's checked step: hyperparameters, GAN's new state, the first state of new
+    parameters, and the batches (params, grads, buffer columns, count) to run."""
+
+    hyper: dict
+    gan_state: Any
+    fresh: dict
+    batches: list
 
 
 class RuleOptimizer(torch.optim.Optimizer):
@@ -105,33 +115,52 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._checked_work(group) for group in self.param_groups]
-        for group, (params, hyper) in zip(self.param_groups, work):
-            if params:
-                self._step_group(group, params, hyper)
+        plans = [self._plan(group) for group in self.param_groups]
+        for group, plan in zip(self.param_groups, plans):
+            if plan is not None:
+                self._apply(group, plan)
         return loss
 
-    def _checked_work(self, group: dict[str, Any]) -> tuple[list, dict]:
+    def _plan(self, group: dict[str, Any]) -> _Plan | None:
+        """Everything one group's step needs, checked as the rule checks it; nothing is
+        written yet (GAN's new state and the first state of new parameters are kept
+        aside), so that a refusal in any group leaves every group as it was."""
         self._check_group(group)
         params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
         for p in params:
             if p.grad.layout is not torch.strided:
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients "
                                 f"(a parameter of shape {tuple(p.shape)} has one)")
-        return params, self._rule_hyperparameters(group)
-
-    def _step_group(self, group, params, hyper):
+        hyper = self._rule_hyperparameters(group)
         grads = [-p.grad if group["maximize"] else p.grad for p in params]
+        gan_state = None
         if group["gan"] is not False:
-            grads = self._gan(group, params, grads)
-        self._init_missing_state(group, params)
+            grads, gan_state = self._gan(group, params, grads)
+        fresh = self._fresh_state(group, params)
+        state_of = {id(p): self.state[p] or fresh[id(p)] for p in params}
         grad_of = dict(zip(map(id, params), grads))
+        batches = []
+        for batch in _split_by(params, lambda p: (id(state_of[id(p)][STEP]), p.device)):
+            columns = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
+            count = state_of[id(batch[0])][STEP]
+            batch_grads = [grad_of[id(p)] for p in batch]
+            state = self.rule.state_type(count, *(tuple(column) for column in columns))
+            self.rule.tensor_rule.checked_call(state, batch_grads, batch, hyper)
+            batches.append((batch, batch_grads, columns, count))
+        return _Plan(hyper, gan_state, fresh, batches)
+
+    def _apply(self, group: dict[str, Any], plan: _Plan) -> None:
+        if plan.gan_state is not None:
+            group["gan_state"] = (plan.gan_state.count, plan.gan_state.extra)
+        for p in group["params"]:
+            if id(p) in plan.fresh:
+                self.state[p].update(plan.fresh[id(p)])
         run = _torch_paths.PATHS[self.path_of(group)]
         names = self._buffer_names()
-        for batch in self._batches(params):
-            columns = [[self.state[p][name] for p in batch] for name in names]
-            count, columns = run(self.rule, batch, [grad_of[id(p)] for p in batch], columns,
-                                 self.state[batch[0]][STEP], hyper)
+        for batch, grads, columns, count in plan.batches:
+            count, columns = run(self.rule, batch, grads, columns, count, plan.hyper)
             for i, p in enumerate(batch):
                 self.state[p][STEP] = count
                 for name, column in zip(names, columns):
@@ -145,28 +174,28 @@ class RuleOptimizer(torch.optim.Optimizer):
         return "reference" if group["foreach"] is False else "multi_tensor"
 
     def _gan(self, group, params, grads):
-        state = group.get("gan_state") or mvn_core.gan_init(params)
+        """GAN's transformed gradients and its new state (not stored yet).  The state is
+        kept in the group as plain ``(count, extra)`` tensors, which ``torch.load``
+        reads with ``weights_only=True``."""
+        saved = group.get("gan_state")
         device = params[0].device
-        state = mvn_core.GANState(state.count.to(device), tuple(e.to(device) for e in state.extra))
-        grads, group["gan_state"] = mvn_core.gan_update(state, grads, **_gan_options(group["gan"]))
-        return grads
+        state = mvn_core.gan_init(params) if saved is None else mvn_core.GANState(
+            saved[0].to(device), tuple(e.to(device) for e in saved[1]))
+        return mvn_core.gan_update(state, grads, **_gan_options(group["gan"]))
 
     def _buffer_names(self) -> tuple[str, ...]:
-        return self.rule.state_type._fields[1:]
+        return self.rule.tensor_rule.buffer_names
 
-    def _init_missing_state(self, group, params):
-        """Give parameters stepped for the first time zero state, one count per device."""
-        new = [p for p in params if not self.state[p]]
-        for batch in _split_by(new, lambda p: p.device):
+    def _fresh_state(self, group, params) -> dict[int, dict]:
+        """Zero state for the parameters stepped for the first time, one count per
+        device, by ``id`` of the parameter (not stored yet)."""
+        fresh = {}
+        for batch in _split_by([p for p in params if not self.state[p]], lambda p: p.device):
             state = self.rule.init(batch, state_dtype=group["state_dtype"])
             for i, p in enumerate(batch):
-                self.state[p][STEP] = state.count
-                for name in self._buffer_names():
-                    self.state[p][name] = getattr(state, name)[i]
-
-    def _batches(self, params) -> list[list]:
-        """Parameters that share one count tensor (stepped together so far) and a device."""
-        return _split_by(params, lambda p: (id(self.state[p][STEP]), p.device))
+                fresh[id(p)] = {STEP: state.count, **{
+                    name: getattr(state, name)[i] for name in self._buffer_names()}}
+        return fresh
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another rule
@@ -205,12 +234,22 @@ class RuleOptimizer(torch.optim.Optimizer):
         step = saved[STEP]
         if not (torch.is_tensor(step) and step.ndim == 0 and not step.is_floating_point()):
             raise ValueError(f"saved state of parameter {saved_id}: step must be a 0-d integer tensor")
+        dtypes = set()
         for name in self._buffer_names():
             scalar = name in self.rule.tensor_rule.scalar_buffers
             shape = () if scalar else tuple(p.shape)
-            if tuple(saved[name].shape) != shape:
+            value = saved[name]
+            if tuple(value.shape) != shape:
                 raise ValueError(f"saved state {name!r} of parameter {saved_id} has shape "
-                                 f"{tuple(saved[name].shape)}, the parameter needs {shape}")
+                                 f"{tuple(value.shape)}, the parameter needs {shape}")
+            if not value.is_floating_point():
+                raise TypeError(f"saved state {name!r} of parameter {saved_id} has dtype "
+                                f"{value.dtype}: state buffers are floating")
+            if not scalar:
+                dtypes.add(value.dtype)
+        if len(dtypes) > 1:
+            raise TypeError(f"saved state of parameter {saved_id} mixes dtypes "
+                            f"{sorted(map(str, dtypes))}: a parameter's buffers share one")
 
     def _restore_saved_tensors(self, pairs, saved_state):
         counts: dict[tuple, torch.Tensor] = {}
@@ -229,7 +268,11 @@ class RuleOptimizer(torch.optim.Optimizer):
 
 
 def _gan_options(option) -> dict[str, Any]:
-    return {} if option is True else dict(option)
+    if option is True:
+        return {}
+    if not isinstance(option, dict):
+        raise TypeError(f"gan must be False, True or a dict of GAN's options, got {option!r}")
+    return dict(option)
 
 
 def _split_by(items, key) -> list[list]:

@@ -10,8 +10,14 @@ from .training import Result, finished, training_loop
 TORCH_PATH = "torch.nn + adapters.torch.MVNGrad"
 
 
+def _only_mvn(rule_name):
+    if rule_name != "mvn":
+        raise ValueError(f"the demo's framework runs train MVN-Grad, not {rule_name!r}")
+
+
 def train_torch_module(rule_name, run, data, init, batches, lr, progress=None) -> Result:
     """MVN-Grad (``rule_name`` must be "mvn") on a ``torch.nn.Sequential``."""
+    _only_mvn(rule_name)
     import torch
 
     from mvn_core.adapters.torch import MVNGrad
@@ -42,6 +48,7 @@ JAX_PATH = "jax.grad + adapters.optax.mvn_grad"
 
 def train_jax_model(rule_name, run, data, init, batches, lr, progress=None) -> Result:
     """MVN-Grad (``rule_name`` must be "mvn") on a JAX model, jitted as a whole."""
+    _only_mvn(rule_name)
     import jax
     import jax.numpy as jnp
     import optax

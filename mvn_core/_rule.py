@@ -260,6 +260,8 @@ class TensorRule:
         new_state = self.state_type(count, *(tuple(column) for column in columns))
         return call.rebuild(updates), new_state
 
+    compute_dtype = staticmethod(compute_dtype)  # for fast paths: one rule of promotion
+
     @staticmethod
     def decays(hyper: dict) -> bool:
         """Whether weight decay is on: for anything but a Python zero (an array is never

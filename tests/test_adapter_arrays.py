@@ -586,3 +586,12 @@ def test_cupy_state_loads_on_cpu_and_back(name):
         again.step(_to_gpu(grads))
     _assert_identical(again.params, gpu.params)
 
+
+
+def test_views_of_one_buffer_are_refused():
+    buffer = np.zeros(10)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        arrays.SGD([buffer[:6], buffer[4:]], lr=0.1)
+    arrays.SGD([buffer[:5], buffer[5:]], lr=0.1)  # disjoint views of one buffer are fine
+    with pytest.raises(AttributeError):
+        arrays.SGD([np.ones(2)]).fused = True  # fixed when made: a NumPy array cannot fuse

@@ -27,6 +27,10 @@ CASES = [(n, o) for n in PER_COORDINATE for o in OPTIONS[n]]
 C_ARG = {"float": ctypes.c_float, "double": ctypes.c_double, "bool": ctypes.c_bool}
 
 
+def _value(x):
+    return x.item() if hasattr(x, "item") else x
+
+
 def _numpy_scalars(rule, count, dtype, hyper):
     import array_api_compat.numpy as xp
 
@@ -75,7 +79,7 @@ def test_traced_kernel_is_the_pure_rule_bit_for_bit(tmp_path, name, options, dty
         params = mvn_core.apply_updates(params, updates)
         c = _numpy_scalars(rule, int(state.count), dtype, hyper)
         args = [ctypes.c_long(n), g.ctypes.data_as(ctypes.c_void_p)]
-        args += [C_ARG[t](getattr(c, s[2:]).item()) for s, t in kernel.inputs[1:]]
+        args += [C_ARG[t](_value(getattr(c, s[2:]))) for s, t in kernel.inputs[1:]]
         args += [a.ctypes.data_as(ctypes.c_void_p) for a in (mine, *buffers)]
         step(*args)
         np.testing.assert_array_equal(mine, params[0])
@@ -137,10 +141,17 @@ def test_cupy_fused_path_is_the_pure_rule_bit_for_bit(name):
     extra = {"momentum": 0.9} if name == "sgd" else {}
     fused = arrays.OPTIMIZERS[name](fused_params, fused=True, lr=0.01, weight_decay=0.1, **extra)
     plain = arrays.OPTIMIZERS[name](plain_params, lr=0.01, weight_decay=0.1, **extra)
-    for _ in range(5):
+    from mvn_core.adapters import _cupy_fused
+
+    for step in range(5):
+        for opt in (fused, plain):  # a schedule: arguments change, the kernel does not
+            opt.hyperparameters["lr"] = 0.01 * 0.9 ** step
         grads = [cupy.asarray(rng.standard_normal(s).astype(np.float32)) for s in shapes]
         fused.step(grads)
         plain.step(grads)
+        if step == 0:
+            kernels = _cupy_fused._compiled.cache_info().currsize
+    assert _cupy_fused._compiled.cache_info().currsize == kernels
     for a, b in zip(fused_params, plain_params):
         cupy.testing.assert_array_equal(a, b)
     for a, b in zip(fused.state[1:], plain.state[1:]):
@@ -148,3 +159,76 @@ def test_cupy_fused_path_is_the_pure_rule_bit_for_bit(name):
             cupy.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="arrays"):  # the rule's own checks come first
         fused.step(grads[:1])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++)")
+@pytest.mark.parametrize("name", ["mvn", "maxva"])
+def test_traced_kernel_without_decay_and_with_wider_state(tmp_path, name):
+    """float32 parameters and gradients with float64 state, weight decay off."""
+    rule = mvn_core.rules[name]
+    hyper = rule.tensor_rule.checked_hyperparameters(dict(rule.defaults, lr=0.01))
+    rng = np.random.default_rng(2)
+    n = 1000
+    params = [rng.standard_normal(n).astype(np.float32)]
+    state = rule.init(params, state_dtype="float64")
+    kernel = _elementwise.trace(rule.tensor_rule, _numpy_scalars(rule, 1, "float64", hyper),
+                                dict(param="float32", grad="float32", state="float64"),
+                                decays=False)
+    step = _build(kernel, tmp_path).step
+    mine, buffers = params[0].copy(), [b[0].copy() for b in state[1:]]
+    for _ in range(4):
+        g = rng.standard_normal(n).astype(np.float32)
+        updates, state = rule.update(state, [g], params, **hyper)
+        params = mvn_core.apply_updates(params, updates)
+        c = _numpy_scalars(rule, int(state.count), "float64", hyper)
+        args = [ctypes.c_long(n), g.ctypes.data_as(ctypes.c_void_p)]
+        args += [C_ARG[t](_value(getattr(c, s[2:]))) for s, t in kernel.inputs[1:]]
+        args += [a.ctypes.data_as(ctypes.c_void_p) for a in (mine, *buffers)]
+        step(*args)
+        np.testing.assert_array_equal(mine, params[0])
+
+
+def test_a_schedule_changes_arguments_not_the_kernel():
+    rule = mvn_core.rules["adam"]
+    bodies = set()
+    for lr in (0.1, 0.05, 0.025):
+        hyper = rule.tensor_rule.checked_hyperparameters(dict(rule.defaults, lr=lr, b1=0.8))
+        kernel = _elementwise.trace(rule.tensor_rule, _numpy_scalars(rule, 3, "float32", hyper),
+                                    dict(param="float32", grad="float32", state="float32"),
+                                    decays=False)
+        bodies.add(kernel.body)
+        assert "s_lr" in kernel.body and "s_b1" in kernel.body
+    assert len(bodies) == 1
+
+
+OPERATORS = {  # name: (traced or NumPy elementwise function of x, on float32)
+    "ne": lambda x, xp: xp.where(x != 0.5, x, -1.0 + 0 * x),
+    "ge_le": lambda x, xp: xp.where((x >= -0.5) & (x <= 0.5), x, 2.0 * x),
+    "rdiv_rsub": lambda x, xp: (3.0 / (x + 4.0)) - (1.0 - x),
+    "neg_or": lambda x, xp: xp.where((x < -1.0) | ~(x < 1.0), -x, x * x),
+    "clip": lambda x, xp: xp.clip(x, min=-0.25, max=0.75),
+}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++)")
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_traced_operators_compute_as_numpy(tmp_path, name):
+    import array_api_compat.numpy as xp
+
+    graph = _elementwise.Graph()
+    x = _elementwise.Symbol(graph, np.dtype(np.float32), "g")
+    result = OPERATORS[name](x, _elementwise.namespace)
+    kernel = _elementwise.Kernel((("g", "float"),), (("p", "float"),), (),
+                                 "\n".join(graph.lines + [f"p = {result.code};"]))
+    step = _build(kernel, tmp_path).step
+    values = np.linspace(-2, 2, 41, dtype=np.float32)
+    out = np.zeros_like(values)
+    step(ctypes.c_long(values.size), values.ctypes.data_as(ctypes.c_void_p),
+         out.ctypes.data_as(ctypes.c_void_p))
+    np.testing.assert_array_equal(out, OPERATORS[name](values, xp))
+
+
+def test_traced_values_have_no_truth_value():
+    x = _elementwise.Symbol(_elementwise.Graph(), np.dtype(np.float32), "g")
+    with pytest.raises(TypeError, match="no truth value"):
+        bool(x > 0)
