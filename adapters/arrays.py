@@ -25,6 +25,8 @@ import numpy as np
 
 from mvn_core import Rule, backends, rules
 
+from ._common import gan_options
+
 # The libraries whose arrays can be written in place (``p += u``) and moved to the host.
 LIBRARIES = ("numpy", "cupy")
 GAN = rules["gan"]
@@ -55,10 +57,10 @@ class ArrayOptimizer:
             raise TypeError("ArrayOptimizer is generic: use a class made by optimizer_class(rule), "
                             "e.g. mvn_core.adapters.arrays.Adam")
         _check_hyperparameters(self.rule, hyperparameters)
-        gan_options = _gan_options(gan)
+        gan = gan_options(gan)
         _refuse_one_array(params)
         state = self.rule.init(params, state_dtype=state_dtype)
-        gan_state = None if gan_options is None else GAN.init(params, state_dtype=state_dtype)
+        gan_state = None if gan is None else GAN.init(params, state_dtype=state_dtype)
         params = tuple(params)
         self._library = _library_of(params)
         _check_writable(params)
@@ -66,7 +68,7 @@ class ArrayOptimizer:
         self._fused = _checked_fused(fused, self.rule, self._library)
         self.params = params
         self.hyperparameters = {**self.rule.defaults, **hyperparameters}
-        self._gan = gan_options
+        self._gan = gan
         self._device = array_api_compat.device(params[0])
         self._state, self._gan_state = state, gan_state
 
@@ -153,13 +155,13 @@ class ArrayOptimizer:
                              f"this one is {self.rule.name!r}")
         hyper = _checked_saved_hyperparameters(self.rule, state_dict["hyperparameters"])
         state = _checked_state(f"{self.rule.name} state", state_dict["state"], self._state)
-        gan_options, gan_state = self._checked_gan(state_dict["gan"])
+        saved_gan, gan_state = self._checked_gan(state_dict["gan"])
         hyper, state, gan_state = (self._from_host(x) for x in (hyper, state, gan_state))
         self.hyperparameters.clear()
         self.hyperparameters.update(hyper)
-        if gan_options is not None:
+        if saved_gan is not None:
             self._gan.clear()
-            self._gan.update(gan_options)
+            self._gan.update(saved_gan)
         self._state, self._gan_state = state, gan_state
 
     def _checked_gan(self, saved: Any) -> tuple:
@@ -241,18 +243,6 @@ def _checked_saved_hyperparameters(rule: Rule, saved: Any) -> dict:
                         "not a dict")
     _check_hyperparameters(rule, saved)
     return {**rule.defaults, **saved}
-
-
-def _gan_options(gan: Any) -> dict | None:
-    if gan is False or gan is None:
-        return None
-    if gan is True:
-        gan = {}
-    if not isinstance(gan, Mapping):
-        raise TypeError(f"gan must be False, True or a dict of GAN's options "
-                        f"({', '.join(GAN.defaults)}), got a {type(gan).__name__}")
-    _check_hyperparameters(GAN, gan)
-    return {**GAN.defaults, **gan}
 
 
 def _checked_fused(fused: Any, rule: Rule, library: str) -> bool:

@@ -32,6 +32,7 @@ import mvn_core
 from mvn_core.registry import Rule
 
 from . import _torch_paths
+from ._common import gan_options
 
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
            "fused": False}
@@ -80,8 +81,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         if group.get("rule", self.rule.name) != self.rule.name:
             raise ValueError(f"a param group of rule {group['rule']!r} given to {type(self).__name__}")
         self.rule.check_hyperparameters(**self._rule_hyperparameters(group))
-        if group["gan"] is not False:
-            mvn_core.rules["gan"].check_hyperparameters(**_gan_options(group["gan"]))
+        gan_options(group["gan"])
         for flag in ("maximize", "fused"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{flag} must be True or False, got {group[flag]!r}")
@@ -136,7 +136,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         hyper = self._rule_hyperparameters(group)
         grads = [-p.grad if group["maximize"] else p.grad for p in params]
         gan_state = None
-        if group["gan"] is not False:
+        if gan_options(group["gan"]) is not None:
             grads, gan_state = self._gan(group, params, grads)
         fresh = self._fresh_state(group, params)
         state_of = {id(p): self.state[p] or fresh[id(p)] for p in params}
@@ -181,7 +181,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         device = params[0].device
         state = mvn_core.gan_init(params) if saved is None else mvn_core.GANState(
             saved[0].to(device), tuple(e.to(device) for e in saved[1]))
-        return mvn_core.gan_update(state, grads, **_gan_options(group["gan"]))
+        return mvn_core.gan_update(state, grads, **gan_options(group["gan"]))
 
     def _buffer_names(self) -> tuple[str, ...]:
         return self.rule.tensor_rule.buffer_names
@@ -265,14 +265,6 @@ class RuleOptimizer(torch.optim.Optimizer):
             if key not in counts:
                 counts[key] = saved[STEP].to(device=p.device, dtype=torch.int32, copy=True)
             self.state[p][STEP] = counts[key]
-
-
-def _gan_options(option) -> dict[str, Any]:
-    if option is True:
-        return {}
-    if not isinstance(option, dict):
-        raise TypeError(f"gan must be False, True or a dict of GAN's options, got {option!r}")
-    return dict(option)
 
 
 def _split_by(items, key) -> list[list]:
