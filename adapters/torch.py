@@ -168,6 +168,16 @@ class RuleOptimizer(torch.optim.Optimizer):
         """Parameters that share one count tensor (stepped together so far) and a device."""
         return _split_by(params, lambda p: (id(self.state[p][STEP]), p.device))
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with a ``step`` tensor of its own per
+        parameter.  Parameters stepped together share one count tensor here; a loader
+        that writes into a state dict's tensors in place (``torch.distributed.checkpoint``
+        does) would otherwise give all of them the count it wrote last."""
+        saved = super().state_dict()
+        saved["state"] = {key: {**state, STEP: state[STEP].clone()} if STEP in state else state
+                          for key, state in saved["state"].items()}
+        return saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another rule
         or of other shapes before anything changes, and keeping each buffer's own dtype
