@@ -19,6 +19,8 @@ state for bfloat16 parameters), and the execution path (:mod:`._torch_paths`):
 bit for bit the pure rule's results; ``foreach=False`` calls the pure rule itself;
 ``fused=True`` compiles the rule with ``torch.compile`` into fused kernels (the first
 step compiles for some seconds; results differ from the pure rule's by rounding).
+DTensor parameters (FSDP2, tensor parallelism) step on their local shards
+(:mod:`._torch_sharded`), with state sharded like them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import mvn_core
 from mvn_core.registry import Rule
 
-from . import _torch_paths
+from . import _torch_sharded
 
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
            "fused": False}
@@ -126,7 +128,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             grads = self._gan(group, params, grads)
         self._init_missing_state(group, params)
         grad_of = dict(zip(map(id, params), grads))
-        run = _torch_paths.PATHS[self.path_of(group)]
+        run = _torch_sharded.path(self.path_of(group))
         names = self._buffer_names()
         for batch in self._batches(params):
             columns = [[self.state[p][name] for p in batch] for name in names]
@@ -165,8 +167,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                     self.state[p][name] = getattr(state, name)[i]
 
     def _batches(self, params) -> list[list]:
-        """Parameters that share one count tensor (stepped together so far) and a device."""
-        return _split_by(params, lambda p: (id(self.state[p][STEP]), p.device))
+        """Parameters that share one count tensor (stepped together so far), a device
+        and, for DTensors, a device mesh."""
+        return _split_by(params, lambda p: (id(self.state[p][STEP]), p.device,
+                                            _torch_sharded.mesh_of(p)))
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict``, with a ``step`` tensor of its own per
