@@ -32,6 +32,14 @@ def main(argv=None) -> int:
     claims.add_argument("--out", default=".", help="folder for the PNGs (default: here)")
     claims.add_argument("--no-plot", action="store_true", help="print the tables only")
 
+    bench_distributed = commands.add_parser(
+        "bench-distributed",
+        help="optimizer step time under FSDP2 on several local processes, against "
+             "torch.optim.AdamW, and the cost of GAN's and NovoGrad's collectives")
+    from .bench_distributed import add_arguments
+
+    add_arguments(bench_distributed)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -47,6 +55,10 @@ def main(argv=None) -> int:
         from .claims import run_claims
 
         run_claims(args.out, plot=not args.no_plot)
+    elif args.command == "bench-distributed":
+        from .bench_distributed import run
+
+        print(run(args))
     return 0
 
 

@@ -158,3 +158,20 @@ def test_checkpoint_of_two_processes_resumes_on_one(run, name):
 def test_checkpoint_of_another_rule_is_refused(run):
     refused = _section(run, "checkpoint")["another rule refused"]["refused"]
     assert refused == "this state dict was saved by mvn; Adam runs adam"
+
+
+def test_distributed_benchmark_runs():
+    """``mvn-core bench-distributed`` on a tiny net: one row per optimizer, AdamW first,
+    the collectives of NovoGrad and GAN counted."""
+    from argparse import Namespace
+
+    from mvn_core.conformance import bench_distributed
+
+    table = bench_distributed.run(Namespace(nprocs=2, width=16, layers=2, steps=1,
+                                            timeout=TIMEOUT))
+    # label, ms (ms, ms), then: ratio to AdamW, collectives, their ms
+    rows = {line[:46].strip(): line.split(")")[-1].split() for line in table.splitlines()[2:]}
+    assert list(rows) == list(bench_distributed.optimizers())
+    assert rows["torch.optim.AdamW (foreach)"][0] == "1.00"
+    assert rows["NovoGrad"][1] == "1" and rows["MVNGrad + GAN"][1] == "2"
+    assert rows["MVNGrad"][1] == "0"
