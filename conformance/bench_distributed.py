@@ -196,7 +196,7 @@ def _print_table(args, model, rows, device):
     print(f"{PREFIX}FSDP2 on {dist.get_world_size()} processes ({backend}, {device.type}): "
           f"{n:,} float32 params in {tensors} tensors, sharded; "
           f"opt.step() alone, median of {args.steps} steps per process")
-    print(f"{PREFIX}{'optimizer':46s} {'ms/step (each process)':>24s} {'x AdamW':>8s} "
+    print(f"{PREFIX}{'optimizer':46s} {'ms/step (each process)':>28s} {'x AdamW':>7s} "
           f"{'collectives':>11s} {'their ms':>8s}")
     reference = None
     for label, *values in rows:
@@ -207,7 +207,7 @@ def _print_table(args, model, rows, device):
         worst = max(medians)
         reference = reference or worst
         each = ", ".join(f"{m:.2f}" for m in medians)
-        print(f"{PREFIX}{label:46s} {worst:9.2f} ({each:>12s}) {worst / reference:8.2f} "
+        print(f"{PREFIX}{label:46s} {worst:9.2f} ({each:>16s}) {worst / reference:6.2f} "
               f"{collectives:11d} {in_collectives:8.2f}")
 
 

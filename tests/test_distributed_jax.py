@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,20 @@ def test_optax_transformation_on_a_mesh(report, name):
 @pytest.mark.parametrize("name", RULES)
 def test_pure_rule_on_a_mesh(report, name):
     _check(report["pure"][name], name in REDUCING)
+
+
+def test_mesh_example_trains_with_the_state_laid_out_as_the_params():
+    example = Path(__file__).parents[1] / "examples" / "jax_mesh_mvn_grad.py"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(example), "--steps", "60"], env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    losses = [float(line.split()[-1]) for line in lines if line.startswith("step")]
+    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0]
+    layouts = [line for line in lines if ": params " in line]
+    assert len(layouts) == 4
+    for line in layouts:  # "w1: params P(None, 'model'), state m P(None, 'model'), v ..., u ..."
+        specs = re.findall(r"P\([^)]*\)", line)
+        assert len(specs) == 4 and len(set(specs)) == 1, line

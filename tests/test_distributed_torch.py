@@ -175,3 +175,11 @@ def test_distributed_benchmark_runs():
     assert rows["torch.optim.AdamW (foreach)"][0] == "1.00"
     assert rows["NovoGrad"][1] == "1" and rows["MVNGrad + GAN"][1] == "2"
     assert rows["MVNGrad"][1] == "0"
+
+
+def test_fsdp_example_trains_and_resumes():
+    example = Path(__file__).parents[1] / "examples" / "fsdp_mvn_grad.py"
+    output = torchrun([str(example), "--steps", "60"], nprocs=2, timeout=TIMEOUT)
+    losses = [float(line.split()[-1]) for line in output.splitlines() if line.startswith("step")]
+    assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0]
+    assert "identical after 20 more steps: True" in output
