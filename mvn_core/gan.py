@@ -102,14 +102,13 @@ def _centred(xp, grads, center):
     up to O(1): ``r`` is then one number repeated, a few units in the last place of
     the constant, whose ``n`` copies sum exactly, so that its mean is itself (certain
     while ``n`` times those units stays below 2**24 in float32; in practice far
-    beyond, e.g. 64M elements).  The shift needs only sums: they are combined for all
-    tensors at once
+    beyond, e.g. 64M elements).  It needs sums only, combined for all tensors at once
     (:func:`reduced_together`), so on sharded arrays the whole centring costs two
-    collectives per step; reading one given entry of each tensor instead (a shift by
-    its first entry) would gather it from the process that holds it, tensor by
-    tensor, and a maximum fails on a process whose shard is empty.  Channels are
-    centred tensor by tensor: their statistics are as many as the channels, and under
-    the usual sharding over the first axis they need no collective at all.
+    collectives per step; a shift by one given entry of each tensor (its first) would
+    gather it from the process that holds it, tensor by tensor, and a maximum fails on
+    a process whose shard is empty.  Channels are centred tensor by tensor: their
+    statistics are as many as the channels, and under the usual sharding over the
+    first axis they need no collective at all.
     """
     whole = [k for k, g in enumerate(grads) if math.prod(g.shape) > 0]  # empty: no mean
     out, squares = list(grads), None
@@ -124,7 +123,7 @@ def _centred(xp, grads, center):
 
 
 def _centre_tensors(xp, grads):
-    """The centred tensors and the sum of all their squares, in two combined reductions:
+    """The centred tensors and their sums of squares, in two combined reductions:
     the sums of ``g``, then the sums of ``r = g - mean(g)`` and of ``r**2``.  The sum of
     squares of ``c = r - mean(r)`` is ``sum(r**2) - sum(r)**2 / n``, where ``sum(r)`` is
     rounding-small: no cancellation."""
