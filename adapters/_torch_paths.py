@@ -16,7 +16,8 @@
 
 Each path takes one batch of parameters that share a step count and a device, their
 gradients and their state buffers (one list per buffer name), and returns the new
-count and buffers; params are updated in place.
+count and buffers; params are updated in place.  The paths are written for plain
+tensors; :mod:`._torch_sharded` runs them for batches of DTensors.
 """
 
 from __future__ import annotations
@@ -47,19 +48,23 @@ def reference(rule: Rule, params, grads, columns, count, hyper):
     return new.count, [list(column) for column in new[1:]]
 
 
-def multi_tensor(rule: Rule, params, grads, columns, count, hyper):
+def multi_tensor(rule: Rule, params, grads, columns, count, hyper, statistics=None):
+    """``statistics``: the rule's statistic of each tensor, when it is not to be taken
+    of the tensors given (they are the local shards of DTensors: :mod:`._torch_sharded`)."""
     tensor_rule = rule.tensor_rule
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
     new_count = count + 1
     device = params[0].device if params else None
     hyper = {k: _on(v, device) for k, v in hyper.items()}
+    given = [] if statistics is None else [statistics]
     for members, dtype, _ in _same_dtypes(params, grads, columns, tensor_rule=tensor_rule):
         c = tensor_rule.scalars(xp, new_count, dtype, hyper)
-        for part in _lists(members, params, grads, columns, split=rule.per_coordinate):
-            p, g, old = part[0], part[1], tuple(part[2:])
+        for part in _lists(members, params, grads, columns + given, split=rule.per_coordinate):
+            p, g, old = part[0], part[1], tuple(part[2:2 + len(columns)])
+            statistic = part[-1] if given else None
             update, new = tensor_rule.step_tensor(lists, c, g, p if decays else None, old,
-                                                  p.dtype)
+                                                  p.dtype, statistic)
             torch._foreach_add_(p.tensors, update.tensors)
             for buffer, value in zip(old, new):
                 torch._foreach_copy_(buffer.tensors, value.tensors)

@@ -19,6 +19,8 @@ state for bfloat16 parameters), and the execution path (:mod:`._torch_paths`):
 bit for bit the pure rule's results; ``foreach=False`` calls the pure rule itself;
 ``fused=True`` compiles the rule with ``torch.compile`` into fused kernels (the first
 step compiles for some seconds; results differ from the pure rule's by rounding).
+DTensor parameters (FSDP2, tensor parallelism) step on their local shards
+(:mod:`._torch_sharded`), with state sharded like them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import mvn_core
 from mvn_core.registry import Rule
 
-from . import _torch_paths
+from . import _torch_sharded
 from ._common import gan_options
 
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
@@ -142,7 +144,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         state_of = {id(p): self.state[p] or fresh[id(p)] for p in params}
         grad_of = dict(zip(map(id, params), grads))
         batches = []
-        for batch in _split_by(params, lambda p: (id(state_of[id(p)][STEP]), p.device)):
+        for batch in _split_by(params, lambda p: (id(state_of[id(p)][STEP]), p.device,
+                                                  _torch_sharded.mesh_of(p))):
             columns = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
             count = state_of[id(batch[0])][STEP]
             batch_grads = [grad_of[id(p)] for p in batch]
@@ -157,7 +160,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if id(p) in plan.fresh:
                 self.state[p].update(plan.fresh[id(p)])
-        run = _torch_paths.PATHS[self.path_of(group)]
+        run = _torch_sharded.path(self.path_of(group))
         names = self._buffer_names()
         for batch, grads, columns, count in plan.batches:
             count, columns = run(self.rule, batch, grads, columns, count, plan.hyper)
@@ -196,6 +199,16 @@ class RuleOptimizer(torch.optim.Optimizer):
                 fresh[id(p)] = {STEP: state.count, **{
                     name: getattr(state, name)[i] for name in self._buffer_names()}}
         return fresh
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with a ``step`` tensor of its own per
+        parameter.  Parameters stepped together share one count tensor here; a loader
+        that writes into a state dict's tensors in place (``torch.distributed.checkpoint``
+        does) would otherwise give all of them the count it wrote last."""
+        saved = super().state_dict()
+        saved["state"] = {key: {**state, STEP: state[STEP].clone()} if STEP in state else state
+                          for key, state in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another rule

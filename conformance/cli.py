@@ -46,6 +46,13 @@ def main(argv=None) -> int:
                          help="folder to write them to (default: the package's own)")
     goldens.add_argument("--steps", type=int, default=STEPS,
                          help=f"steps of every trajectory (default {STEPS})")
+    bench_distributed = commands.add_parser(
+        "bench-distributed",
+        help="optimizer step time under FSDP2 on several local processes, against "
+             "torch.optim.AdamW, and the cost of GAN's and NovoGrad's collectives")
+    from .bench_distributed import add_arguments
+
+    add_arguments(bench_distributed)
 
     args = parser.parse_args(argv)
     if args.command == "check":
@@ -66,6 +73,10 @@ def main(argv=None) -> int:
         from .claims import run_claims
 
         run_claims(args.out, plot=not args.no_plot)
+    elif args.command == "bench-distributed":
+        from .bench_distributed import run
+
+        print(run(args))
     return 0
 
 

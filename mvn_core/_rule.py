@@ -26,6 +26,7 @@ from ._inputs import (
     normalise_hyperparameters,
     resolve_dtype,
 )
+from ._together import reduced_together
 
 # State type -> name of the rule that made it, to name the culprit of a mix-up.
 _STATE_OWNERS: dict[type, str] = {}
@@ -186,6 +187,12 @@ class TensorRule:
     direction (the update is ``-lr * d``, plus decoupled weight decay); ``c`` holds the
     hyperparameters cast to the compute dtype, the step ``c.t`` and what
     ``constants(xp, c)`` adds.  ``p`` is the parameter when weight decay is on, else None.
+
+    A rule whose direction needs a reduction of the whole tensor (NovoGrad's squared
+    norm) names it ``statistic(xp, g)``; ``direction`` then takes its value as a sixth
+    argument.  :meth:`update` computes the statistics of all tensors before any
+    direction and combines them (:func:`reduced_together`), so that on arrays sharded
+    over processes they cost one collective per step, not one per tensor.
     """
 
     name: str
@@ -195,6 +202,7 @@ class TensorRule:
     scalar_buffers: frozenset = frozenset()  # buffers holding one value per tensor
     decay_inside: bool = False  # weight decay is part of the direction (NovoGrad)
     check: Callable[[dict], None] | None = None  # relations between hyperparameters
+    statistic: Callable | None = None  # a per-tensor reduction the direction takes
 
     def __post_init__(self) -> None:
         register_state_type(self.state_type, self.name)
@@ -245,15 +253,19 @@ class TensorRule:
         xp = call.xp
         count = as_array(xp, state.count + 1)
         scalars: dict[Any, SimpleNamespace] = {}
-        updates, columns = [], [[] for _ in self.buffer_names]
+        tensors = []
         for i, g in enumerate(call.grads):
             p = None if call.params is None else call.params[i]
             old = tuple(getattr(state, name)[i] for name in self.buffer_names)
             dtype = compute_dtype(xp, g.dtype, old[0].dtype, *([] if p is None else [p.dtype]))
             if dtype not in scalars:
                 scalars[dtype] = self.scalars(xp, count, dtype, hyper)
-            update, new = self.step_tensor(xp, scalars[dtype], g, p if decayed else None, old,
-                                           g.dtype if p is None else p.dtype)
+            tensors.append((g, p, old, scalars[dtype]))
+        statistics = self.statistics(xp, [(g, c.t.dtype) for g, _, _, c in tensors])
+        updates, columns = [], [[] for _ in self.buffer_names]
+        for (g, p, old, c), statistic in zip(tensors, statistics):
+            update, new = self.step_tensor(xp, c, g, p if decayed else None, old,
+                                           g.dtype if p is None else p.dtype, statistic)
             updates.append(as_array(xp, update))
             for column, b in zip(columns, new):
                 column.append(as_array(xp, b))
@@ -261,6 +273,18 @@ class TensorRule:
         return call.rebuild(updates), new_state
 
     compute_dtype = staticmethod(compute_dtype)  # for fast paths: one rule of promotion
+
+    def statistics(self, xp: Any, grads: list[tuple[Any, Any]]) -> list:
+        """The statistic of each ``(gradient, compute dtype)``, all reduced together
+        (Nones for a rule without one).  They are combined in the widest dtype and
+        read back in each tensor's own, which the widening leaves exact."""
+        if self.statistic is None or not grads:
+            return [None] * len(grads)
+        wide = xp.result_type(*(dtype for _, dtype in grads))
+        partials = [self.statistic(xp, xp.astype(g, dtype, copy=False)) for g, dtype in grads]
+        partials = [xp.astype(s, wide, copy=False) for s in partials]
+        combined = reduced_together(xp, partials)
+        return [xp.astype(combined[i], dtype, copy=False) for i, (_, dtype) in enumerate(grads)]
 
     @staticmethod
     def decays(hyper: dict) -> bool:
@@ -284,17 +308,24 @@ class TensorRule:
         return SimpleNamespace(**values)
 
     def step_tensor(self, xp: Any, c: SimpleNamespace, g: Any, p: Any, old: tuple,
-                    out_dtype: Any) -> tuple[Any, tuple]:
+                    out_dtype: Any, statistic: Any = None) -> tuple[Any, tuple]:
         """One tensor's update (in ``out_dtype``) and new buffers (in their old dtypes),
         computed in the dtype of ``c``.  ``p`` is the parameter if weight decay is on,
-        else None.  Fast paths call this with other layouts of the same numbers."""
+        else None.  Fast paths call this with other layouts of the same numbers.
+
+        For a rule with a ``statistic``, its value is computed here unless given (the
+        gradient's, in the compute dtype, before any weight decay)."""
         dtype = c.t.dtype
         g = xp.astype(g, dtype, copy=False)
+        extra = ()
+        if self.statistic is not None:
+            extra = (self.statistic(xp, g) if statistic is None else statistic,)
         if p is not None:
             p = xp.astype(p, dtype, copy=False)
             if c.coupled:
                 g = g + c.weight_decay * p
-        d, new = self.direction(xp, g, p, tuple(xp.astype(b, dtype, copy=False) for b in old), c)
+        buffers = tuple(xp.astype(b, dtype, copy=False) for b in old)
+        d, new = self.direction(xp, g, p, buffers, c, *extra)
         if p is not None and not c.coupled and not self.decay_inside:
             d = d + c.weight_decay * p
         new = tuple(xp.astype(b, b_old.dtype, copy=False) for b, b_old in zip(new, old))

@@ -22,6 +22,7 @@ from ._rule import (
     open_call,
     register_state_type,
 )
+from ._together import reduced_together
 
 CENTERS = ("tensor", "channel")
 SCALES = ("global_std", "none")
@@ -74,9 +75,10 @@ def gan_update(state: GANState, grads: Any, params: Any = None, *, center: str =
     if not eligible:
         return call.rebuild(out), GANState(count, state.extra)
     dtype = compute_dtype(xp, *(out[i].dtype for i in eligible))
-    centred = {i: _centre(xp, xp.astype(out[i], dtype, copy=False), center) for i in eligible}
-    alpha, extra = _autoscale(xp, dtype, scale, centred.values(), GANState(count, state.extra))
-    for i, c in centred.items():
+    grads = [xp.astype(out[i], dtype, copy=False) for i in eligible]
+    centred, squares = _centred(xp, grads, center)
+    alpha, extra = _autoscale(xp, dtype, scale, centred, squares, GANState(count, state.extra))
+    for i, c in zip(eligible, centred):
         out[i] = as_array(xp, xp.astype(c if alpha is None else alpha * c, out[i].dtype, copy=False))
     return call.rebuild(out), GANState(count, extra)
 
@@ -89,29 +91,72 @@ def check_options(center, scale):
         raise ValueError(f"scale={scale!r}: expected one of {SCALES} or a callable")
 
 
-def _centre(xp, g, center):
-    """``g`` minus its mean over the whole tensor or over all axes but the first.
+def _centred(xp, grads, center):
+    """Each gradient minus its mean over the whole tensor (``center="tensor"``) or over
+    all axes but the first (``center="channel"``), and, where they come for free, the
+    sums of squares of the centred tensors (else None).
 
-    The mean is taken of ``g - g[0, ...]`` (per channel: of ``g - g[:, 0, ...]``), which
-    changes nothing in exact arithmetic but makes a constant tensor centre to exact
-    zeros; otherwise its rounding residue would be blown up to O(1) by the autoscale.
+    The mean is subtracted twice: ``r = g - mean(g)``, then ``r - mean(r)``.  That
+    changes nothing in exact arithmetic, but a constant tensor centres to exact zeros
+    where one subtraction would leave a rounding residue that the autoscale would blow
+    up to O(1): ``r`` is then one number repeated, a few units in the last place of
+    the constant, whose ``n`` copies sum exactly, so that its mean is itself (certain
+    while ``n`` times those units stays below 2**24 in float32; in practice far
+    beyond, e.g. 64M elements).  It needs sums only, combined for all tensors at once
+    (:func:`reduced_together`), so on sharded arrays the whole centring costs two
+    collectives per step; a shift by one given entry of each tensor (its first) would
+    gather it from the process that holds it, tensor by tensor, and a maximum fails on
+    a process whose shard is empty.  Channels are centred tensor by tensor: their
+    statistics are as many as the channels, and under the usual sharding over the
+    first axis they need no collective at all.
     """
-    if math.prod(g.shape) == 0:
-        return g
-    kept = 0 if center == "tensor" else 1
-    reference = g[(slice(None),) * kept + (slice(0, 1),) * (g.ndim - kept)]
-    shifted = g - reference
-    axes = tuple(range(kept, g.ndim))
-    return shifted - xp.sum(shifted, axis=axes, keepdims=True) / math.prod(g.shape[kept:])
+    whole = [k for k, g in enumerate(grads) if math.prod(g.shape) > 0]  # empty: no mean
+    out, squares = list(grads), None
+    if center == "channel":
+        for k in whole:
+            out[k] = _centre_channels(xp, grads[k])
+    elif whole:
+        centred, squares = _centre_tensors(xp, [grads[k] for k in whole])
+        for k, c in zip(whole, centred):
+            out[k] = c
+    return out, squares
 
 
-def _autoscale(xp, dtype, scale, centred, state):
-    """The global factor alpha (None for 1) and the strategy's new ``extra``."""
+def _centre_tensors(xp, grads):
+    """The centred tensors and their sums of squares, in two combined reductions:
+    the sums of ``g``, then the sums of ``r = g - mean(g)`` and of ``r**2``.  The sum of
+    squares of ``c = r - mean(r)`` is ``sum(r**2) - sum(r)**2 / n``, where ``sum(r)`` is
+    rounding-small: no cancellation."""
+    sizes = [math.prod(g.shape) for g in grads]
+    sums = reduced_together(xp, [xp.sum(g) for g in grads])
+    residues = [g - sums[k] / n for k, (g, n) in enumerate(zip(grads, sizes))]
+    moments = reduced_together(xp, [xp.sum(r) for r in residues] +
+                                   [xp.sum(r * r) for r in residues])
+    first, second = moments[:len(grads)], moments[len(grads):]
+    centred = [r - first[k] / n for k, (r, n) in enumerate(zip(residues, sizes))]
+    squares = xp.stack([second[k] - first[k] * first[k] / n for k, n in enumerate(sizes)])
+    return centred, squares
+
+
+def _centre_channels(xp, g):
+    axes = tuple(range(1, g.ndim))
+    size = math.prod(g.shape[1:])
+    residue = g - xp.sum(g, axis=axes, keepdims=True) / size
+    return residue - xp.sum(residue, axis=axes, keepdims=True) / size
+
+
+def _autoscale(xp, dtype, scale, centred, squares, state):
+    """The global factor alpha (None for 1) and the strategy's new ``extra``.
+
+    ``squares``: the centred tensors' sums of squares, if already known; else they are
+    computed here, combined in one reduction.  Their total is clipped at zero, which
+    a one-pass sum may undershoot by rounding when every tensor is constant."""
     if scale == "none":
         return None, state.extra
-    centred = list(centred)
+    if squares is None:
+        squares = reduced_together(xp, [xp.sum(c * c) for c in centred])
     n = sum(math.prod(c.shape) for c in centred)
-    sigma = xp.sqrt(sum(xp.sum(c * c) for c in centred) / max(n, 1))
+    sigma = xp.sqrt(xp.clip(xp.sum(squares), min=0.0) / max(n, 1))
     if scale == "global_std":
         return 1 / (sigma + guard(xp, dtype, 1e-12)), state.extra
     result = scale(sigma, state)

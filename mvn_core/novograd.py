@@ -20,9 +20,12 @@ def _constants(xp, c):
     return {"first": c.t == 1}
 
 
-def _direction(xp, g, p, buffers, c):
+def _squared_norm(xp, g):
+    return xp.sum(g * g)
+
+
+def _direction(xp, g, p, buffers, c, norm2):
     m, v = buffers
-    norm2 = xp.sum(g * g)
     v = xp.where(c.first, norm2, c.b2 * v + (1 - c.b2) * norm2)
     x = g / (xp.sqrt(v) + c.eps)
     if p is not None:
@@ -34,7 +37,8 @@ def _direction(xp, g, p, buffers, c):
 
 
 NOVOGRAD = TensorRule("novograd", NovoGradState, _direction, _constants,
-                      scalar_buffers=frozenset({"v"}), decay_inside=True)
+                      scalar_buffers=frozenset({"v"}), decay_inside=True,
+                      statistic=_squared_norm)
 
 
 def novograd_init(params: Any, *, state_dtype: Any = None) -> NovoGradState:
@@ -53,7 +57,8 @@ def novograd_update(state: NovoGradState, grads: Any, params: Any = None, *, lr:
 
     No bias correction (the first step's initialisation replaces it); weight decay
     enters the momentum.  ``grad_averaging=True`` multiplies the bracket by ``1 - b1``.
-    The norm is taken over the whole (logical) tensor.
+    The norm is taken over the whole (logical) tensor; on arrays sharded over
+    processes the norms of all tensors are combined in one collective.
     """
     return NOVOGRAD.update(state, grads, params, dict(
         lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging))

@@ -337,6 +337,30 @@ def test_state_dict_into_a_fresh_process(tmp_path):
     assert out.stdout.strip() == "identical"
 
 
+def test_state_dict_loaded_in_place_keeps_each_parameters_count():
+    """torch.distributed.checkpoint loads into the tensors of a fresh optimizer's state
+    dict, then hands it to load_state_dict: parameters stepped together there must not
+    share a count tensor in the dict, or all would get the count written last."""
+    params, opt = _trained("adam", 3)
+    params[4].grad = None
+    for p in params[:4] + params[5:]:
+        p.grad = torch.ones_like(p)
+    opt.step()  # params[4] has count 3, the others 4
+    saved = opt.state_dict()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = adapters.Adam(copies, lr=1e-2, weight_decay=0.1)
+    for p in copies:
+        p.grad = torch.zeros_like(p)
+    fresh.step()  # one count tensor shared by all
+    template = fresh.state_dict()
+    for key, state in template["state"].items():
+        for name, value in state.items():
+            value.copy_(saved["state"][key][name])  # in place, as the checkpoint loader does
+    fresh.load_state_dict(template)
+    assert [int(fresh.state[p]["step"]) for p in copies] == [4, 4, 4, 4, 3, 4]
+    assert int(opt.state[params[0]]["step"]) == 4  # the live state was not touched
+
+
 def test_loading_another_rules_state_fails_and_changes_nothing():
     params, opt = _trained("adam", 3)
     before = {k: v.clone() for k, v in opt.state[params[3]].items()}

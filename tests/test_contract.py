@@ -232,6 +232,22 @@ def test_novograd_norm_of_a_large_float16_tensor_does_not_overflow():
         assert np.corrcoef(direction, g.astype(np.float64).ravel())[0, 1] > 0.2
 
 
+def test_novograd_norms_of_mixed_dtypes_are_each_tensors_own():
+    """The norms of one call are reduced together, in the widest dtype, and read back
+    in each tensor's own: the same numbers as tensor by tensor."""
+    rng = np.random.default_rng(1)
+    params = [rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(5)]
+    grads = [rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(5)]
+    updates, state = mvn_core.novograd_update(mvn_core.novograd_init(params), grads, params,
+                                              weight_decay=0.1)
+    for i in range(2):
+        alone, alone_state = mvn_core.novograd_update(
+            mvn_core.novograd_init(params[i]), grads[i], params[i], weight_decay=0.1)
+        assert updates[i].dtype == params[i].dtype and state.v[i].dtype == alone_state.v[0].dtype
+        np.testing.assert_array_equal(updates[i], alone)
+        np.testing.assert_array_equal(state.v[i], alone_state.v[0])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_maxva_survives_an_overflowed_second_moment(dtype):
     huge = 3e19 if dtype == "float32" else 1e4  # its square overflows the dtype

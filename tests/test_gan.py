@@ -68,6 +68,17 @@ def test_all_equal_gradients_give_zeros_and_no_nan(target, dtype):
     np.testing.assert_array_equal(out[2], np.ones(3))
 
 
+@pytest.mark.parametrize("center", ["tensor", "channel"])
+def test_large_constant_float32_tensors_centre_to_exact_zeros(center):
+    """Millions of equal entries: the rounding of the first mean is removed exactly by
+    the second, for constants of any magnitude."""
+    values = [0.7, -3.1e-6, 12345.678, 2.5e15]
+    grads = [np.full((2048, 1024), v, dtype=np.float32) for v in values]
+    out, _ = mvn_core.gan_update(mvn_core.gan_init(grads), grads, center=center)
+    for o in out:
+        assert o.dtype == np.float32 and not np.any(o)
+
+
 def test_scale_none_is_plain_centralization():
     grads = _grads()
     state = mvn_core.gan_init(grads)
