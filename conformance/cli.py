@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from mvn_core import backends
@@ -32,6 +33,15 @@ def main(argv=None) -> int:
     claims.add_argument("--out", default=".", help="folder for the PNGs (default: here)")
     claims.add_argument("--no-plot", action="store_true", help="print the tables only")
 
+    bench = commands.add_parser(
+        "bench", help="time one optimizer step of every rule on every backend and path, "
+                      "against torch.optim, optax and the other peers")
+    from .bench import add_arguments
+
+    add_arguments(bench)
+    bench.add_argument("--distributed", action="store_true",
+                       help="the distributed benchmark (mvn_core.conformance.bench_distributed)")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -47,7 +57,23 @@ def main(argv=None) -> int:
         from .claims import run_claims
 
         run_claims(args.out, plot=not args.no_plot)
+    elif args.command == "bench":
+        return _bench(parser, args)
     return 0
+
+
+def _bench(parser, args) -> int:
+    """The single-process benchmark, or with ``--distributed`` the distributed one,
+    whose module has a ``main(args)`` of its own where it is installed."""
+    if not args.distributed:
+        from .bench import main as bench_main
+
+        return bench_main(args)
+    name = f"{__package__}.bench_distributed"
+    if importlib.util.find_spec(name) is None:
+        parser.error("--distributed: this installation has no distributed benchmark "
+                     f"({name})")
+    return importlib.import_module(name).main(args)
 
 
 if __name__ == "__main__":
