@@ -18,7 +18,7 @@ import pytest
 from mvn_core.conformance import bench, bench_arrays, bench_report, bench_timing, cli
 from mvn_core.conformance.bench_timing import OURS, BackendBench, Case, Stepper
 
-TINY = ["--n", "3000", "--k", "5", "--repeat", "3", "--warmup", "2"]
+TINY = ["--n", "3000", "--k", "5", "--repeat", "3", "--warmup", "2", "--device", "cpu"]
 ROW_KEYS = {"backend", "device", "kind", "rule", "implementation", "path", "n", "k",
             "bytes_per_param", "compiled", "ms_per_step", "first_step_ms", "repeats", "baseline",
             "ratio_to_baseline", "gb_per_s", "fraction_of_copy", "state_bytes_per_param",
@@ -117,9 +117,10 @@ def test_the_command_reports_every_backend_as_json(tmp_path, capsys):
                            "skipped", "targets"}
     assert report["config"]["n"] == 3000 and report["config"]["repeat"] == 3
     assert report["environment"]["cpus"] >= 1 and "torch" in report["environment"]["libraries"]
-    ran = {r["backend"] for r in report["rows"]}
-    assert {"torch", "jax", "numpy"} <= ran
-    assert ("cupy" in ran) != any(s["backend"] == "cupy" for s in report["skipped"])
+    assert {r["backend"] for r in report["rows"]} == {"torch", "jax", "numpy"}
+    assert {r["device"] for r in report["rows"]} == {"cpu", "cpu0"}  # JAX's first CPU
+    assert {"backend": "cupy", "kind": "cpu", "case": None,
+            "reason": "cupy runs on the GPU only"} in report["skipped"]
     copies = {(c["backend"], c["device"]): c["gb_per_s"] for c in report["copy"]}
     for r in report["rows"]:
         assert set(r) == ROW_KEYS and r["error"] is None, r
@@ -244,7 +245,7 @@ def test_scaling_times_mvn_and_the_baselines_as_n_and_k_grow(monkeypatch):
     monkeypatch.setattr(bench, "SCALING_K_AT_N", 800)
     monkeypatch.setattr(bench, "SCALING_K_LIMITS", {"numpy": (2, "too many tensors here")})
     config = bench.Config(backends=("torch", "numpy"), paths=("multi_tensor", "foreach", "arrays"),
-                          n=1000, k=4, warmup=2, repeat=3, scaling=True)
+                          device="cpu", n=1000, k=4, warmup=2, repeat=3, scaling=True)
     report = bench.run_bench(config, progress=lambda line: None)
     sizes = {(r["backend"], r["sweep"], r["n"], r["k"]) for r in report["scaling"]}
     assert sizes == {(b, "n", n, 4) for b in ("torch", "numpy") for n in (100, 1000, 4000)} | {
@@ -261,6 +262,26 @@ def test_scaling_times_mvn_and_the_baselines_as_n_and_k_grow(monkeypatch):
     given = bench.run_bench(dataclasses.replace(config, backends=("numpy",), scaling_ks=(2, 8)),
                             progress=lambda line: None)
     assert {r["k"] for r in given["scaling"] if r["sweep"] == "k"} == {2, 8}
+
+
+def test_gpu_rows(capsys):
+    """On a GPU: every GPU backend installed here runs there (tiny sizes), with its
+    device's memory counts."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    assert cli.main(["bench", "--n", "3000", "--k", "20", "--repeat", "3", "--warmup", "2",
+                     "--device", "gpu", "--rules", "mvn,adam", "--backends", "torch,jax,cupy",
+                     "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["rows"]
+    assert rows and all(r["kind"] == "gpu" and r["error"] is None for r in rows)
+    torch_rows = [r for r in rows if r["backend"] == "torch"]
+    assert {r["path"] for r in torch_rows if r["implementation"] == OURS} == {
+        "reference", "multi_tensor", "fused"}
+    assert all(r["memory_source"].startswith("torch.cuda") and r["peak_bytes"] > 0
+               for r in torch_rows)
+    assert [t for t in report["targets"] if t["target"].startswith("torch GPU")]
 
 
 def test_distributed_flag_dispatches_to_its_module(monkeypatch, capsys):
