@@ -49,10 +49,20 @@ def main(argv=None) -> int:
     bench_distributed = commands.add_parser(
         "bench-distributed",
         help="optimizer step time under FSDP2 on several local processes, against "
-             "torch.optim.AdamW, and the cost of GAN's and NovoGrad's collectives")
+             "torch.optim.AdamW, and the cost of GAN's and NovoGrad's collectives",
+        description="Time opt.step() of every rule under FSDP2 (fully_shard) on local "
+                    "processes (gloo on CPU), against torch.optim.AdamW in the same run, "
+                    "and replay GAN's and NovoGrad's collectives alone to price them.")
     from .bench_distributed import add_arguments
 
     add_arguments(bench_distributed)
+    bench = commands.add_parser(
+        "bench", help="time one optimizer step of every rule on every backend and path, "
+                      "against torch.optim, optax and the other peers "
+                      "(under FSDP2: mvn-core bench-distributed)")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
 
     args = parser.parse_args(argv)
     if args.command == "check":
@@ -77,6 +87,10 @@ def main(argv=None) -> int:
         from .bench_distributed import run
 
         print(run(args))
+    elif args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args)
     return 0
 
 

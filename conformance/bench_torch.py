@@ -1,0 +1,195 @@
+"""PyTorch in ``mvn-core bench``: our optimizers (:mod:`mvn_core.adapters.torch`) on
+their three paths, and the peers configured with the same hyperparameters:
+``torch.optim`` Adam, AdamW (foreach and fused; fused AdamW is the baseline) and SGD,
+timm's LaProp, AdaBelief (foreach) and NvNovoGrad, and ``adabelief_pytorch.AdaBelief``
+(both loop over the tensors in Python: path ``loop``)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+
+import mvn_core
+from mvn_core import backends
+
+from .bench_timing import (OURS, BackendBench, Case, MemoryProbe, Stepper, Workload,
+                           auto_device_kind, hyperparameters, split_sizes)
+from .targets import device_name
+
+NAME = "torch"
+# Our paths, by the options that select them (see mvn_core.adapters._torch_paths).
+PATHS = {"fused": {"fused": True}, "multi_tensor": {}, "reference": {"foreach": False}}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def device_kind(wanted: str) -> str:
+    return auto_device_kind(unavailable_reason, wanted)
+
+
+def unavailable_reason(kind: str) -> str | None:
+    reason = backends.get(NAME).unavailable_reason()
+    if reason is None and kind == "gpu" and not _torch().cuda.is_available():
+        reason = "torch finds no CUDA device"
+    return reason
+
+
+def workload(n: int, k: int, kind: str) -> Workload:
+    torch = _torch()
+    device = torch.device("cuda", torch.cuda.current_device()) if kind == "gpu" else torch.device("cpu")
+    generator = torch.Generator(device).manual_seed(0)
+    sizes = split_sizes(n, k)
+    params = [torch.randn(size, generator=generator, device=device) for size in sizes]
+    grads = [torch.randn(size, generator=generator, device=device) for size in sizes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    cuda = device.type == "cuda"
+    return Workload(NAME, device, device_name(device), params, grads,
+                    CudaMemory(device) if cuda else MemoryProbe(),
+                    functools.partial(_make_copy, n, device),
+                    torch.cuda.get_device_name(device) if cuda else "")
+
+
+def _make_copy(n, device):
+    torch = _torch()
+    source, target = torch.ones(n, device=device), torch.empty(n, device=device)
+
+    def copy():
+        target.copy_(source)
+        _synchronize(device)
+
+    return copy
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        _torch().cuda.synchronize(device)
+
+
+class CudaMemory:
+    """Memory allocated by PyTorch on a CUDA device (its caching allocator's counts)."""
+
+    source = "torch.cuda memory_allocated / max_memory_allocated"
+
+    def __init__(self, device):
+        self.device = device
+
+    def current(self) -> int:
+        return _torch().cuda.memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        _torch().cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return _torch().cuda.max_memory_allocated(self.device)
+
+
+def _stepper(optimizer, device) -> Stepper:
+    def step():
+        optimizer.step()
+        _synchronize(device)
+
+    def state_bytes():
+        torch = _torch()
+        return sum(t.nbytes for state in optimizer.state.values() for t in state.values()
+                   if torch.is_tensor(t))
+
+    return Stepper(step, state_bytes)
+
+
+# --- ours ------------------------------------------------------------------------------
+
+def _ours(rule_name: str, options: dict, work: Workload) -> Stepper:
+    from mvn_core.adapters import torch as adapters
+
+    cls = getattr(adapters, mvn_core.rules[rule_name].class_name)
+    h = hyperparameters(rule_name)
+    betas = tuple(h.pop(name) for name in cls.beta_names)
+    if betas:
+        h["betas"] = betas
+    return _stepper(cls(work.params, **h, **options), work.device)
+
+
+# --- the peers -------------------------------------------------------------------------
+
+def _peer(factory, rule_name: str, work: Workload) -> Stepper:
+    return _stepper(factory(work.params, hyperparameters(rule_name)), work.device)
+
+
+def _torch_optim(class_name, params, h, **path):
+    cls = getattr(_torch().optim, class_name)
+    if class_name == "SGD":
+        return cls(params, lr=h["lr"], momentum=h["momentum"], **path)
+    return cls(params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
+               weight_decay=h["weight_decay"], **path)
+
+
+def _timm_laprop(params, h):
+    from .peers import timm_optim
+
+    return timm_optim("laprop").LaProp(params, lr=h["lr"], betas=(h["b1"], h["b2"]),
+                                       eps=h["eps"], foreach=True)
+
+
+def _timm_adabelief(params, h):
+    from .peers import timm_optim
+
+    return timm_optim("adabelief").AdaBelief(
+        params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
+        weight_decay=h["weight_decay"], decoupled_decay=True, rectify=False, foreach=True)
+
+
+def _timm_novograd(params, h):
+    from .peers import timm_optim
+
+    return timm_optim("nvnovograd").NvNovoGrad(
+        params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
+        weight_decay=h["weight_decay"], grad_averaging=h["grad_averaging"])
+
+
+def _official_adabelief(params, h):
+    from adabelief_pytorch import AdaBelief
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
+        return AdaBelief(params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
+                         weight_decay=h["weight_decay"], weight_decouple=True,
+                         fixed_decay=False, rectify=False, print_change_log=False)
+
+
+def _peer_case(rule_name, implementation, path, factory, requires=(), baseline=False) -> Case:
+    return Case(NAME, rule_name, implementation, path,
+                functools.partial(_peer, factory, rule_name), requires=requires,
+                baseline=baseline)
+
+
+def _torch_optim_case(rule_name, class_name, path, baseline=False) -> Case:
+    factory = functools.partial(_torch_optim, class_name, **{path: True})
+    return _peer_case(rule_name, f"torch.optim.{class_name}", path, factory, baseline=baseline)
+
+
+def cases() -> list[Case]:
+    ours = [Case(NAME, rule.name, OURS, path, functools.partial(_ours, rule.name, options),
+                 slow=path == "reference", compiled=path == "fused")
+            for rule in mvn_core.rules.values() if rule.kind == "optimizer"
+            for path, options in PATHS.items()]
+    return [
+        _torch_optim_case("adam", "AdamW", "fused", baseline=True),
+        _torch_optim_case("adam", "AdamW", "foreach"),
+        _torch_optim_case("adam", "Adam", "fused"),
+        _torch_optim_case("adam", "Adam", "foreach"),
+        _torch_optim_case("sgd", "SGD", "foreach"),
+        _peer_case("laprop", "timm LaProp", "foreach", _timm_laprop, ("timm",)),
+        _peer_case("adabelief", "timm AdaBelief", "foreach", _timm_adabelief, ("timm",)),
+        _peer_case("novograd", "timm NvNovoGrad", "loop", _timm_novograd, ("timm",)),
+        _peer_case("adabelief", "adabelief_pytorch.AdaBelief", "loop", _official_adabelief,
+                   ("adabelief_pytorch",)),
+        *ours,
+    ]
+
+
+BENCH = BackendBench(NAME, device_kind, unavailable_reason, workload, cases)
