@@ -170,8 +170,13 @@ def one_minus_power(xp: Any, base: Any, t: Any) -> Any:
 
 
 def bias_corrections(xp: Any, c: Any) -> dict:
-    """``bc1 = 1 - b1^t`` and ``bc2 = 1 - b2^t``: the constants of most Adam-type rules."""
-    return {"bc1": one_minus_power(xp, c.b1, c.t), "bc2": one_minus_power(xp, c.b2, c.t)}
+    """``bc1 = 1 - b1^t`` and ``bc2 = 1 - b2^t``, the constants of most Adam-type rules,
+    and their reciprocals ``inv_bc1``, ``inv_bc2``.  The rules multiply by the
+    reciprocals: a division per element costs several multiplications on every
+    processor, and the bias corrections are scalars, inverted once per step (one more
+    rounding, within a unit in the last place)."""
+    bc1, bc2 = one_minus_power(xp, c.b1, c.t), one_minus_power(xp, c.b2, c.t)
+    return {"bc1": bc1, "bc2": bc2, "inv_bc1": 1 / bc1, "inv_bc2": 1 / bc2}
 
 
 def guard(xp: Any, dtype: Any, value: float) -> float:

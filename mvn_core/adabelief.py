@@ -40,9 +40,9 @@ def _direction(xp, g, p, buffers, c):
     r = g - m
     s = c.b2 * s + (1 - c.b2) * (r * r) + c.eps
     if not c.rectify:
-        return (m / c.bc1) / (xp.sqrt(s / c.bc2) + c.eps), (m, s)
+        return (m * c.inv_bc1) / (xp.sqrt(s * c.inv_bc2) + c.eps), (m, s)
     rectified = c.rect_scale * m / (xp.sqrt(s) + c.eps)
-    return xp.where(c.rectified, rectified, m / c.bc1), (m, s)
+    return xp.where(c.rectified, rectified, m * c.inv_bc1), (m, s)
 
 
 ADABELIEF = TensorRule("adabelief", AdaBeliefState, _direction, _constants)

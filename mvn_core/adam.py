@@ -18,14 +18,14 @@ class AdamState(NamedTuple):
 
 def _constants(xp, c):
     corrections = bias_corrections(xp, c)
-    return {"bc1": corrections["bc1"], "sqrt_bc2": xp.sqrt(corrections["bc2"])}
+    return {"inv_bc1": corrections["inv_bc1"], "inv_sqrt_bc2": 1 / xp.sqrt(corrections["bc2"])}
 
 
 def _direction(xp, g, p, buffers, c):
     m, v = buffers
     m = c.b1 * m + (1 - c.b1) * g
     v = c.b2 * v + (1 - c.b2) * (g * g)
-    return (m / c.bc1) / (xp.sqrt(v) / c.sqrt_bc2 + c.eps), (m, v)
+    return (m * c.inv_bc1) / (xp.sqrt(v) * c.inv_sqrt_bc2 + c.eps), (m, v)
 
 
 ADAM = TensorRule("adam", AdamState, _direction, _constants)

@@ -19,8 +19,8 @@ class LaPropState(NamedTuple):
 def _direction(xp, g, p, buffers, c):
     m, v = buffers
     v = c.b2 * v + (1 - c.b2) * (g * g)
-    m = c.b1 * m + (1 - c.b1) * (g / (xp.sqrt(v / c.bc2) + c.eps))
-    return m / c.bc1, (m, v)
+    m = c.b1 * m + (1 - c.b1) * (g / (xp.sqrt(v * c.inv_bc2) + c.eps))
+    return m * c.inv_bc1, (m, v)
 
 
 LAPROP = TensorRule("laprop", LaPropState, _direction, bias_corrections)

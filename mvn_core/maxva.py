@@ -20,7 +20,7 @@ class MaxVAState(NamedTuple):
 
 
 def _constants(xp, c):
-    return {"bc1": one_minus_power(xp, c.b1, c.t), "first": c.t == 1,
+    return {"inv_bc1": 1 / one_minus_power(xp, c.b1, c.t), "first": c.t == 1,
             "tiny": guard(xp, c.t.dtype, 1e-16),
             "keep_min": 1 - c.b2_max, "keep_max": 1 - c.b2_min}
 
@@ -33,7 +33,7 @@ def _direction(xp, g, p, buffers, c):
     v = beta * v + keep * (g * g)
     w = beta * w + keep
     m = c.b1 * m + (1 - c.b1) * g
-    return (m / c.bc1) / (xp.sqrt(v / w) + c.eps), (u, v, w, m)
+    return (m * c.inv_bc1) / (xp.sqrt(v / w) + c.eps), (u, v, w, m)
 
 
 def _new_weight(xp, g, u, v, w, c):

@@ -26,9 +26,9 @@ def _direction(xp, g, p, buffers, c):
     m = c.b1 * m + (1 - c.b1) * g
     r = g - m
     v = c.b2 * v + (1 - c.b2) * (r * r) + c.eps_s
-    z = g / (xp.sqrt(v / c.bc2) + c.eps)
+    z = g / (xp.sqrt(v * c.inv_bc2) + c.eps)
     u = c.b1 * u + (1 - c.b1) * z
-    return u / c.bc1, (m, v, u)
+    return u * c.inv_bc1, (m, v, u)
 
 
 MVN = TensorRule("mvn", MVNState, _direction, bias_corrections)
