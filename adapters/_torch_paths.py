@@ -35,7 +35,7 @@ from mvn_core.registry import Rule
 from ._torch_lists import TensorList
 from ._torch_lists import namespace as lists
 
-CHUNK = 1 << 18  # elements per multi-tensor list: a few arrays of it fit in L2 cache
+CHUNK = 1 << 17  # elements per multi-tensor list: its temporaries stay in the caches
 BATCH = 16  # tensors per compiled call: compile time grows with it, overhead shrinks
 # (a group's last, shorter batch compiles once more: every list length is a graph)
 

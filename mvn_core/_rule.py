@@ -334,7 +334,8 @@ class TensorRule:
         if p is not None and not c.coupled and not self.decay_inside:
             d = d + c.weight_decay * p
         new = tuple(xp.astype(b, b_old.dtype, copy=False) for b, b_old in zip(new, old))
-        return xp.astype(-(c.lr * d), out_dtype, copy=False), new
+        # (-lr) * d is -(lr * d) exactly (rounding is symmetric in sign), one operation less
+        return xp.astype((-c.lr) * d, out_dtype, copy=False), new
 
     def _check_buffers(self, call: Call, state: Any) -> None:
         n = len(call.grads)
