@@ -149,8 +149,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             columns = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
             count = state_of[id(batch[0])][STEP]
             batch_grads = [grad_of[id(p)] for p in batch]
-            state = self.rule.state_type(count, *(tuple(column) for column in columns))
-            self.rule.tensor_rule.checked_call(state, batch_grads, batch, hyper)
+            if not all(id(p) in self._checked for p in batch):
+                state = self.rule.state_type(count, *(tuple(column) for column in columns))
+                self.rule.tensor_rule.checked_call(state, batch_grads, batch, hyper)
             batches.append((batch, batch_grads, columns, count))
         return _Plan(hyper, gan_state, fresh, batches)
 
@@ -168,6 +169,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self.state[p][STEP] = count
                 for name, column in zip(names, columns):
                     self.state[p][name] = column[i]
+            self._checked.update(map(id, batch))
+
+    @property
+    def _checked(self) -> set:
+        """The parameters whose state and gradients the rule has checked: the state is
+        then ours (made by the rule, or checked when loaded), and torch itself keeps a
+        ``.grad`` of its parameter's shape, dtype and device.  Cleared when a state dict
+        is loaded; each step checks the rest, and every hyperparameter."""
+        if "_checked_ids" not in self.__dict__:
+            self.__dict__["_checked_ids"] = set()
+        return self.__dict__["_checked_ids"]
 
     @staticmethod
     def path_of(group: dict[str, Any]) -> str:
@@ -222,6 +234,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                                  f"{type(self).__name__} runs {self.rule.name}")
         for saved_id, p in pairs:
             self._check_saved_state(saved_id, p, state_dict["state"].get(saved_id))
+        self._checked.clear()
         super().load_state_dict(state_dict)
         self._restore_saved_tensors(pairs, state_dict["state"])
 
