@@ -76,4 +76,6 @@ def _statistics(rule, params, grads, columns):
     dtypes = [rule.tensor_rule.compute_dtype(xp, g.dtype, b.dtype, p.dtype)
               for p, g, b in zip(params, grads, columns[0])]
     values = rule.tensor_rule.statistics(xp, list(zip(grads, dtypes)))
-    return [v.to_local() if isinstance(v, DTensor) else v for v in values]
+    # full_tensor(): the value of the whole logical tensor, whatever placement the
+    # combined reduction was left in (already replicated: no communication).
+    return [v.full_tensor() if isinstance(v, DTensor) else v for v in values]

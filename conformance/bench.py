@@ -67,13 +67,15 @@ def bytes_per_param(rule_name: str, itemsize: int = 4) -> int:
     Read the parameter and its gradient and write the parameter, then read and write
     each per-coordinate state buffer: ``itemsize * (3 + 2 B)``.  ``B`` counts the
     buffers of the rule's state type but those holding one number per tensor
-    (NovoGrad's ``v``), which cost nothing per parameter.  For float32: MVN-Grad 36,
-    Adam, AdaBelief and LaProp 28, MaxVA 44, SGD and NovoGrad 20.  A peer row counts
-    the bytes of the rule it implements.
+    (NovoGrad's ``v``), which cost nothing per parameter.  A rule with a per-tensor
+    statistic (NovoGrad's norm) must finish it before any coordinate's update: it reads
+    the gradient once more.  For float32: MVN-Grad 36, Adam, AdaBelief and LaProp 28,
+    MaxVA 44, NovoGrad 24, SGD 20.  A peer row counts the bytes of the rule it implements.
     """
     tensor_rule = mvn_core.rules[rule_name].tensor_rule
     buffers = [b for b in tensor_rule.buffer_names if b not in tensor_rule.scalar_buffers]
-    return itemsize * (3 + 2 * len(buffers))
+    extra_pass = tensor_rule.statistic is not None
+    return itemsize * (3 + 2 * len(buffers) + extra_pass)
 
 
 def gb_per_s(bytes_per_element: float, n: int, ms: float) -> float:

@@ -298,7 +298,11 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
     else:
         vs_pure = relative_difference(got, pure_runs[key]) if key in pure_runs else None
     status = "pass" if comparison.passed else "fail"
-    return Run(case, status, comparison, comparison.message, vs_pure, seconds)
+    message = comparison.message
+    if PATHS[cell.path].exact and vs_pure:  # promised bit for bit, and it is not
+        status = "fail"
+        message = f"differs from the pure path by {vs_pure:.2g} (relative); it must be identical"
+    return Run(case, status, comparison, message, vs_pure, seconds)
 
 
 def _run_peers(selection: Selection) -> list:

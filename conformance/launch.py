@@ -40,7 +40,10 @@ def torchrun(program: Sequence[str], nprocs: int, timeout: float,
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _end(process)
-        output, _ = process.communicate()
+        try:  # a straggler that escaped the kill could hold the pipe open: do not wait on it
+            output, _ = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            output = "(output lost: a process below the launcher kept its pipe open)"
         raise LaunchError(f"{' '.join(program)} ran over {timeout:.0f} s:\n{output}") from None
     except BaseException:  # an interrupt of the caller: leave nothing running
         _end(process)

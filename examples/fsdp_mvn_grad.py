@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 
 import torch
@@ -93,26 +94,29 @@ def main():
 
     # Checkpoint the sharded state, resume it into a fresh model and optimizer (on any
     # number of processes), and check that both continue identically.
+    # (One machine: the folder is made by rank 0 and shared by path.)
     folder = [tempfile.mkdtemp(prefix="mvn-core-example-") if rank == 0 else None]
     dist.broadcast_object_list(folder)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.save(state, checkpoint_id=folder[0])
-    resumed = sharded_mlp(device)
-    opt_resumed = MVNGrad(resumed.parameters(), lr=args.lr, weight_decay=0.01)
-    state = {"model": get_model_state_dict(resumed),
-             "optim": get_optimizer_state_dict(resumed, opt_resumed)}
-    dcp.load(state, checkpoint_id=folder[0])
-    set_model_state_dict(resumed, state["model"])
-    set_optimizer_state_dict(resumed, opt_resumed, state["optim"])
+    try:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.save(state, checkpoint_id=folder[0])
+        resumed = sharded_mlp(device)
+        opt_resumed = MVNGrad(resumed.parameters(), lr=args.lr, weight_decay=0.01)
+        state = {"model": get_model_state_dict(resumed),
+                 "optim": get_optimizer_state_dict(resumed, opt_resumed)}
+        dcp.load(state, checkpoint_id=folder[0])
+        set_model_state_dict(resumed, state["model"])
+        set_optimizer_state_dict(resumed, opt_resumed, state["optim"])
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(folder[0], ignore_errors=True)
     train(model, opt, batches(20, device, seed=2), rank, world)
     train(resumed, opt_resumed, batches(20, device, seed=2), rank, world)
     same = all(torch.equal(a.full_tensor(), b.full_tensor())
                for a, b in zip(model.parameters(), resumed.parameters()))
     if rank == 0:
         print(f"resumed from the checkpoint: identical after 20 more steps: {same}")
-        import shutil
-
-        shutil.rmtree(folder[0], ignore_errors=True)
     dist.destroy_process_group()
 
 

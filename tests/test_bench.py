@@ -29,7 +29,7 @@ MB = 1 << 20
 
 
 def test_bytes_per_param_counts_the_per_coordinate_buffers_of_each_rule():
-    expected = {"mvn": 36, "adam": 28, "maxva": 44, "sgd": 20, "novograd": 20,
+    expected = {"mvn": 36, "adam": 28, "maxva": 44, "sgd": 20, "novograd": 24,
                 "adabelief": 28, "laprop": 28}
     assert {name: bench.bytes_per_param(name) for name in expected} == expected
     assert bench.bytes_per_param("mvn", itemsize=8) == 72

@@ -358,3 +358,21 @@ def test_the_fused_torch_path_runs_when_named(capsys):
                                "--dtypes", "float32", "--paths", "torch-fused")
     assert status == 0
     assert [(c["path"], c["status"]) for c in report["cells"]] == [("torch-fused", "pass")]
+
+
+def test_an_exact_path_that_differs_from_pure_fails(capsys, monkeypatch):
+    """A path promised bit for bit (exact=True) fails on any difference from the pure
+    path, even one well inside the oracle's bound."""
+    _installed("numpy")
+
+    def nudged(rule_name, backend, device, dtype, problem, **hyper):
+        out = paths.run_pure(rule_name, backend, device, dtype, problem, **hyper)
+        return [[np.nextafter(a, np.inf) for a in step] for step in out]
+
+    monkeypatch.setitem(paths.PATHS, "nudged",
+                        paths.Path("nudged", nudged, ("numpy",), "", exact=True))
+    status, report, _ = _check(capsys, "--rules", "adam", "--backends", "numpy",
+                               "--dtypes", "float64", "--paths", "pure,nudged")
+    assert status == 1
+    nudged_cells = [c for c in report["cells"] if c["path"] == "nudged"]
+    assert [c["status"] for c in nudged_cells] == ["fail"]
