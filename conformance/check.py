@@ -206,7 +206,7 @@ def _targets(selection: Selection) -> tuple[list[_Target], list[Skipped]]:
     else:
         libraries = [(n, backends.get(n)) for n in backends.NAMES
                      if selection.backends is None or n in selection.backends]
-    targets, skipped = [], []
+    targets, skipped, seen = [], [], set()
     for label, lib in libraries:
         reason = lib.unavailable_reason()
         if reason:
@@ -216,6 +216,7 @@ def _targets(selection: Selection) -> tuple[list[_Target], list[Skipped]]:
             lib.enable_x64()  # float64 exists only with x64 on
         for device in lib.devices() if selection.namespace else devices(label):
             name = device_name(device) or "default"
+            seen.add(name)
             if selection.devices is not None and name not in selection.devices:
                 continue
             supported = lib.dtypes(device)
@@ -223,6 +224,9 @@ def _targets(selection: Selection) -> tuple[list[_Target], list[Skipped]]:
                            and (selection.dtypes is None or d in selection.dtypes))
             backend = lib if selection.namespace else label
             targets.append(_Target(backend, label, device, dtypes))
+    for name in sorted(set(selection.devices or ()) - seen):
+        skipped.append(Skipped("", name, "all", f"no device named {name!r} here; the "
+                               f"selected backends have {', '.join(sorted(seen)) or 'none'}"))
     return targets, skipped
 
 

@@ -170,6 +170,8 @@ def test_options(capsys):
     status, report, _ = _check(capsys, "--rules", "sgd", "--backends", "numpy", "--devices",
                                "cuda0")
     assert status == 1 and report["cells"] == []
+    assert any("no device named 'cuda0' here" in s["reason"] and "cpu" in s["reason"]
+               for s in report["skipped"])  # a name that matched nothing says so
 
 
 def test_progress_is_one_line_per_cell_without_a_terminal(capsys):
