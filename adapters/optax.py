@@ -150,7 +150,14 @@ def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None
     shape and dtype only, never read; a schedule is not checked.
     """
     rate = {} if learning_rate is None or callable(learning_rate) else {"lr": learning_rate}
-    rule.check_hyperparameters(**rate, **hyper)
+    try:
+        rule.check_hyperparameters(**rate, **hyper)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if not message.startswith("lr"):
+            raise
+        # the core's name for it is ``lr``; here the caller wrote ``learning_rate``
+        raise type(error)("learning_rate" + message[len("lr"):]) from None
 
 
 def _signature(defaults: dict[str, Any], default_rate: Any = None) -> inspect.Signature:

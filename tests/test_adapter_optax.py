@@ -113,8 +113,10 @@ def test_public_functions_have_the_rules_signatures_and_documentation():
 def test_hyperparameters_are_checked_when_the_transformation_is_made():
     with pytest.raises(ValueError, match="b1=1.0 is out of range"):
         adapter.mvn_grad(b1=1.0)
-    with pytest.raises(ValueError, match="lr=-0.1 is out of range"):
-        adapter.adam(-0.1)
+    with pytest.raises(ValueError, match="^learning_rate=-0.1 is out of range"):
+        adapter.adam(-0.1)  # named as the caller named it
+    with pytest.raises(TypeError, match="^learning_rate must be a number or a 0-d array"):
+        adapter.mvn_grad(learning_rate="0.1")
     with pytest.raises(ValueError, match="b2_min=0.9 is larger"):
         adapter.maxva(b2_min=0.9, b2_max=0.5)
     with pytest.raises(ValueError, match="nesterov=True needs momentum"):
@@ -123,7 +125,7 @@ def test_hyperparameters_are_checked_when_the_transformation_is_made():
         adapter.gan(center="rows")
     with pytest.raises(TypeError, match="must be True or False"):
         adapter.adam(coupled_weight_decay=1)
-    with pytest.raises(ValueError, match="lr must be a number or a 0-d array"):
+    with pytest.raises(ValueError, match="^learning_rate must be a number or a 0-d array"):
         adapter.adam(jnp.ones(2))
     with pytest.raises(TypeError, match="weight_decay"):
         adapter.scale_by_adam(weight_decay=0.1)  # decay is not part of Adam's direction
