@@ -26,6 +26,7 @@ DTensor parameters (FSDP2, tensor parallelism) step on their local shards
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -142,6 +143,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             grads, gan_state = self._gan(group, params, grads)
         fresh = self._fresh_state(group, params)
         state_of = {id(p): self.state[p] or fresh[id(p)] for p in params}
+        self._adopt_foreign_state([p for p in params if id(p) not in fresh], state_of)
         grad_of = dict(zip(map(id, params), grads))
         batches = []
         for batch in _split_by(params, lambda p: (id(state_of[id(p)][STEP]), p.device,
@@ -149,7 +151,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             columns = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
             count = state_of[id(batch[0])][STEP]
             batch_grads = [grad_of[id(p)] for p in batch]
-            if not all(id(p) in self._checked for p in batch):
+            if not all(self._is_checked(p, state_of[id(p)]) for p in batch):
                 state = self.rule.state_type(count, *(tuple(column) for column in columns))
                 self.rule.tensor_rule.checked_call(state, batch_grads, batch, hyper)
             batches.append((batch, batch_grads, columns, count))
@@ -169,17 +171,45 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self.state[p][STEP] = count
                 for name, column in zip(names, columns):
                     self.state[p][name] = column[i]
-            self._checked.update(map(id, batch))
+            self._checked.update((id(p), weakref.ref(count)) for p in batch)
 
     @property
-    def _checked(self) -> set:
-        """The parameters whose state and gradients the rule has checked: the state is
-        then ours (made by the rule, or checked when loaded), and torch itself keeps a
-        ``.grad`` of its parameter's shape, dtype and device.  Cleared when a state dict
-        is loaded; each step checks the rest, and every hyperparameter."""
-        if "_checked_ids" not in self.__dict__:
-            self.__dict__["_checked_ids"] = set()
-        return self.__dict__["_checked_ids"]
+    def _checked(self) -> dict:
+        """The parameters whose state and gradients the rule has checked, by ``id``, each
+        with a weak reference to the count it was checked with.  The state is then ours
+        (made by the rule, or checked when loaded), and torch itself keeps a ``.grad`` of
+        its parameter's shape, dtype and device.  Cleared when a state dict is loaded; a
+        state written into ``self.state`` by someone else has another count tensor, and
+        is checked again.  Each step checks the rest, and every hyperparameter."""
+        if "_checked_counts" not in self.__dict__:
+            self.__dict__["_checked_counts"] = {}
+        return self.__dict__["_checked_counts"]
+
+    def _is_checked(self, p: torch.Tensor, state: dict) -> bool:
+        ref = self._checked.get(id(p))
+        return ref is not None and ref() is state.get(STEP)
+
+    def _adopt_foreign_state(self, params, state_of) -> None:
+        """State this optimizer has not checked, put where the step needs it (in
+        ``state_of`` only; the step stores it).  A loader that writes into
+        ``optimizer.state`` itself (``ZeroRedundancyOptimizer.load_state_dict`` does, and
+        moves 0-d tensors such as the count to the CPU) bypasses :meth:`load_state_dict`:
+        its tensors go to their parameter's device, and equal counts are shared again so
+        that their parameters step together.  The rule checks the result before the step;
+        what is not a tensor is left for that check to name."""
+        counts: dict[tuple, torch.Tensor] = {}
+        keys: dict[int, tuple] = {}  # by id of a count: one read (a sync on a GPU) each
+        for p in params:
+            state = state_of[id(p)]
+            if self._is_checked(p, state):
+                continue
+            moved = {name: value.to(p.device) if torch.is_tensor(value) else value
+                     for name, value in state.items()}
+            step = moved.get(STEP)
+            if torch.is_tensor(step) and step.ndim == 0 and not step.is_floating_point():
+                key = keys.setdefault(id(state[STEP]), (int(step), step.dtype, p.device))
+                moved[STEP] = counts.setdefault(key, step)
+            state_of[id(p)] = moved
 
     @staticmethod
     def path_of(group: dict[str, Any]) -> str:

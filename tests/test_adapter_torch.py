@@ -280,6 +280,14 @@ def _trained(name, steps, seed=6, state_dtype=None, dtype=torch.float64, device=
     return params, opt
 
 
+def _assert_continue_alike(opt, params, other, copies, grads_per_step):
+    """Both optimizers take the same steps; their parameters stay bit-identical."""
+    _run(opt, params, grads_per_step)
+    _run(other, copies, grads_per_step)
+    for a, b in zip(params, copies):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_state_dict_round_trip_continues_bit_identically(name):
     params, opt = _trained(name, 10)
@@ -288,10 +296,7 @@ def test_state_dict_round_trip_continues_bit_identically(name):
     fresh = CLASSES[name](copies, **_torch_kwargs(name, dict(HYPER[name], lr=1e-2, weight_decay=0.1)))
     fresh.load_state_dict(saved)
     more = make_problem(10, seed=7).grads
-    _run(opt, params, more)
-    _run(fresh, copies, more)
-    for a, b in zip(params, copies):
-        assert torch.equal(a, b)
+    _assert_continue_alike(opt, params, fresh, copies, more)
 
 
 def test_state_dict_keeps_float32_state_of_bfloat16_params():
@@ -359,6 +364,41 @@ def test_state_dict_loaded_in_place_keeps_each_parameters_count():
     fresh.load_state_dict(template)
     assert [int(fresh.state[p]["step"]) for p in copies] == [4, 4, 4, 4, 3, 4]
     assert int(opt.state[params[0]]["step"]) == 4  # the live state was not touched
+
+
+def _write_state_as_zero_does(opt, saved, device="cpu"):
+    """What ``ZeroRedundancyOptimizer.load_state_dict`` does to its local optimizer: each
+    parameter's state copied into ``optimizer.state`` directly (not through
+    ``load_state_dict``), with its 0-d tensors on the CPU."""
+    for p, (_, state) in zip(opt.param_groups[0]["params"], sorted(saved["state"].items())):
+        opt.state[p] = {k: v.to("cpu" if v.ndim == 0 else device, copy=True)
+                        for k, v in state.items()}
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": False}])
+@pytest.mark.parametrize("name", ["mvn", "novograd"])
+def test_state_written_into_optimizer_state_is_checked_and_continues(name, path):
+    params, opt = _trained(name, 6)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = CLASSES[name](copies, **_torch_kwargs(name, dict(HYPER[name], lr=1e-2,
+                                                             weight_decay=0.1)), **path)
+    _run(fresh, copies, make_problem(2, seed=3).grads)  # checked once, then overwritten
+    _write_state_as_zero_does(fresh, opt.state_dict())
+    with torch.no_grad():
+        for c, p in zip(copies, params):
+            c.copy_(p)
+    more = make_problem(4, seed=7).grads
+    _assert_continue_alike(opt, params, fresh, copies, more)
+    counts = {id(fresh.state[p]["step"]) for p in copies}
+    assert len(counts) == 1  # equal counts are shared again: the parameters step together
+
+    bad = opt.state_dict()
+    bad["state"][4]["m"] = bad["state"][4]["m"][:1]  # a loader that wrote a wrong shape
+    _write_state_as_zero_does(fresh, bad)
+    before = [p.detach().clone() for p in copies]
+    with pytest.raises(ValueError, match=r"state\.m\[\d\] has shape"):
+        _run(fresh, copies, more[:1])
+    assert all(torch.equal(a, b) for a, b in zip(before, copies))
 
 
 def test_loading_another_rules_state_fails_and_changes_nothing():
@@ -435,10 +475,25 @@ def test_cuda_trajectory_and_state_dict_across_devices(name):
     opt_back = CLASSES[name](back, **_torch_kwargs(name, core))
     opt_back.load_state_dict(opt_cpu.state_dict())
     more = make_problem(5, seed=10).grads
-    _run(opt, params, more)
-    _run(opt_back, back, more)
-    for a, b in zip(params, back):
-        assert torch.equal(a, b)
+    _assert_continue_alike(opt, params, opt_back, back, more)
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["mvn", "novograd"])
+def test_cuda_state_with_counts_left_on_the_cpu_continues(name):
+    """ZeroRedundancyOptimizer leaves loaded 0-d state (the count, NovoGrad's v) on the
+    CPU: the step moves it to its parameter's device and goes on exactly."""
+    problem = make_problem(6, seed=12)
+    core = dict(HYPER[name], lr=1e-2, weight_decay=0.1)
+    params = _params(problem, torch.float64, "cuda")
+    opt = CLASSES[name](params, **_torch_kwargs(name, core))
+    _run(opt, params, problem.grads)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh = CLASSES[name](copies, **_torch_kwargs(name, core))
+    _write_state_as_zero_does(fresh, opt.state_dict(), device="cuda")
+    more = make_problem(4, seed=13).grads
+    _assert_continue_alike(opt, params, fresh, copies, more)
+    assert all(t.device.type == "cuda" for s in fresh.state.values() for t in s.values())
 
 
 # ---- execution paths: reference (foreach=False), multi-tensor (default), fused
