@@ -47,6 +47,7 @@ def _check(record, reduces):
     assert record["params_and_updates_keep_layout"]
     assert record["state_keeps_layout"]
     assert record["all_gathers"] == 0  # no array is gathered, whole, onto a device
+    assert record["other_collectives"] == 0  # nor scattered, exchanged or broadcast
     if not reduces:  # a per-coordinate step needs no communication at all
         assert record["all_reduces"] == 0
     else:

@@ -102,7 +102,8 @@ def compare(step, init):
         if b.size:
             error = max(error, float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b)))))
     return {"error": error, **layout(params, state, updates),
-            "all_gathers": _count(text, "all-gather"), "all_reduces": _count(text, "all-reduce")}
+            "all_gathers": _count(text, "all-gather"), "all_reduces": _count(text, "all-reduce"),
+            "other_collectives": sum(_count(text, c) for c in OTHER_COLLECTIVES)}
 
 
 def layout(params, state, updates):
@@ -135,6 +136,11 @@ def _param_of(path, keys):
 
 def pure_init(rule):
     return lambda params: rule.init([params[k] for k in sorted(params)])
+
+
+# the HLO collectives besides all-gather and all-reduce: a step should issue none
+OTHER_COLLECTIVES = ("reduce-scatter", "all-to-all", "collective-permute",
+                     "collective-broadcast", "ragged-all-to-all")
 
 
 def _count(text, collective):
