@@ -207,8 +207,9 @@ class RuleOptimizer(torch.optim.Optimizer):
                      for name, value in state.items()}
             step = moved.get(STEP)
             if torch.is_tensor(step) and step.ndim == 0 and not step.is_floating_point():
-                key = keys.setdefault(id(state[STEP]), (int(step), step.dtype, p.device))
-                moved[STEP] = counts.setdefault(key, step)
+                if id(state[STEP]) not in keys:
+                    keys[id(state[STEP])] = (int(step), step.dtype, p.device)
+                moved[STEP] = counts.setdefault(keys[id(state[STEP])], step)
             state_of[id(p)] = moved
 
     @staticmethod
@@ -308,19 +309,16 @@ class RuleOptimizer(torch.optim.Optimizer):
                             f"{sorted(map(str, dtypes))}: a parameter's buffers share one")
 
     def _restore_saved_tensors(self, pairs, saved_state):
-        counts: dict[tuple, torch.Tensor] = {}
+        """Copies of the saved tensors, on their parameter's device, each buffer in its
+        saved dtype; the next step shares equal counts again (see
+        :meth:`_adopt_foreign_state`)."""
         for saved_id, p in pairs:
             saved = saved_state.get(saved_id)
             if not saved:
                 continue
             for name in self._buffer_names():
-                value = saved[name]
-                self.state[p][name] = value.to(device=p.device, dtype=value.dtype, copy=True)
-            # equal counts share one tensor again, so their parameters step together
-            key = (int(saved[STEP]), p.device)
-            if key not in counts:
-                counts[key] = saved[STEP].to(device=p.device, dtype=torch.int32, copy=True)
-            self.state[p][STEP] = counts[key]
+                self.state[p][name] = saved[name].to(device=p.device, copy=True)
+            self.state[p][STEP] = saved[STEP].to(device=p.device, dtype=torch.int32, copy=True)
 
 
 def _split_by(items, key) -> list[list]:

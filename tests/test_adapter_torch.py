@@ -364,6 +364,9 @@ def test_state_dict_loaded_in_place_keeps_each_parameters_count():
     fresh.load_state_dict(template)
     assert [int(fresh.state[p]["step"]) for p in copies] == [4, 4, 4, 4, 3, 4]
     assert int(opt.state[params[0]]["step"]) == 4  # the live state was not touched
+    fresh.step()  # equal counts share one tensor again: two batches, not six
+    assert len({id(fresh.state[p]["step"]) for p in copies}) == 2
+    assert [int(fresh.state[p]["step"]) for p in copies] == [5, 5, 5, 5, 4, 5]
 
 
 def _write_state_as_zero_does(opt, saved, device="cpu"):
