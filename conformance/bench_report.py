@@ -3,7 +3,6 @@ the figures come from (machine, load, versions), the tables as text, and JSON.""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .bench_timing import OURS, SETTLE, SLOW_SHARE
+from .report import library_versions
 
 TARGET_RULE = "mvn"  # the targets are MVN-Grad's
 
@@ -99,7 +99,8 @@ def environment() -> dict:
             "cpu": _cpu_model(), "cpus": os.cpu_count(), "load_average": load_average(),
             "thread_settings": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                           "XLA_FLAGS") if k in os.environ},
-            "libraries": _versions()}
+            "libraries": {name: version for name, version in
+                          library_versions(DISTRIBUTIONS).items() if version}}
 
 
 def _cpu_model() -> str:
@@ -122,16 +123,6 @@ def load_average() -> list[float] | None:
 
 DISTRIBUTIONS = ("numpy", "torch", "jax", "jaxlib", "optax", "cupy-cuda12x", "cupy-cuda11x",
                  "cupy", "timm", "adabelief-pytorch")
-
-
-def _versions() -> dict:
-    found = {}
-    for name in DISTRIBUTIONS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 COLUMNS = (("rule", "<9"), ("implementation", "<27"), ("path", "<12"), ("ms/step", ">9"),

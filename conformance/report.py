@@ -109,7 +109,7 @@ def as_json(report: Report) -> dict:
         "selection": {"rules": s.rules, "backends": s.backends, "devices": s.devices,
                       "dtypes": s.dtypes, "paths": s.paths, "namespace": s.namespace,
                       "peers": s.peers},
-        "libraries": _versions(),
+        "libraries": library_versions(),
         "seconds": report.seconds,
         "cells": [_cell_json(c) for c in report.cells],
         "skipped": [vars(k) for k in report.skipped],
@@ -192,9 +192,10 @@ def _md(value: str) -> str:
     return value.replace("|", "\\|") or " "
 
 
-def _versions() -> dict:
+def library_versions(names=LIBRARIES) -> dict:
+    """The installed version of each distribution in ``names``; None where it is not."""
     out = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
