@@ -143,7 +143,8 @@ class RuleOptimizer(torch.optim.Optimizer):
             grads, gan_state = self._gan(group, params, grads)
         fresh = self._fresh_state(group, params)
         state_of = {id(p): self.state[p] or fresh[id(p)] for p in params}
-        self._adopt_foreign_state([p for p in params if id(p) not in fresh], state_of)
+        unchecked = self._adopt_unchecked_state([p for p in params if id(p) not in fresh],
+                                                state_of) | set(fresh)
         grad_of = dict(zip(map(id, params), grads))
         batches = []
         for batch in _split_by(params, lambda p: (id(state_of[id(p)][STEP]), p.device,
@@ -151,7 +152,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             columns = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
             count = state_of[id(batch[0])][STEP]
             batch_grads = [grad_of[id(p)] for p in batch]
-            if not all(self._is_checked(p, state_of[id(p)]) for p in batch):
+            if any(id(p) in unchecked for p in batch):
                 state = self.rule.state_type(count, *(tuple(column) for column in columns))
                 self.rule.tensor_rule.checked_call(state, batch_grads, batch, hyper)
             batches.append((batch, batch_grads, columns, count))
@@ -189,9 +190,9 @@ class RuleOptimizer(torch.optim.Optimizer):
         ref = self._checked.get(id(p))
         return ref is not None and ref() is state.get(STEP)
 
-    def _adopt_foreign_state(self, params, state_of) -> None:
-        """State this optimizer has not checked, put where the step needs it (in
-        ``state_of`` only; the step stores it).  A loader that writes into
+    def _adopt_unchecked_state(self, params, state_of) -> set[int]:
+        """The ``id`` of each parameter whose state this optimizer has not checked, that
+        state put where the step needs it (in ``state_of`` only; the step stores it).  A loader that writes into
         ``optimizer.state`` itself (``ZeroRedundancyOptimizer.load_state_dict`` does, and
         moves 0-d tensors such as the count to the CPU) bypasses :meth:`load_state_dict`:
         its tensors go to their parameter's device, and equal counts are shared again so
@@ -199,10 +200,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         what is not a tensor is left for that check to name."""
         counts: dict[tuple, torch.Tensor] = {}
         keys: dict[int, tuple] = {}  # by id of a count: one read (a sync on a GPU) each
+        unchecked = set()
         for p in params:
             state = state_of[id(p)]
             if self._is_checked(p, state):
                 continue
+            unchecked.add(id(p))
             moved = {name: value.to(p.device) if torch.is_tensor(value) else value
                      for name, value in state.items()}
             step = moved.get(STEP)
@@ -211,6 +214,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     keys[id(state[STEP])] = (int(step), step.dtype, p.device)
                 moved[STEP] = counts.setdefault(keys[id(state[STEP])], step)
             state_of[id(p)] = moved
+        return unchecked
 
     @staticmethod
     def path_of(group: dict[str, Any]) -> str:
@@ -311,7 +315,7 @@ class RuleOptimizer(torch.optim.Optimizer):
     def _restore_saved_tensors(self, pairs, saved_state):
         """Copies of the saved tensors, on their parameter's device, each buffer in its
         saved dtype; the next step shares equal counts again (see
-        :meth:`_adopt_foreign_state`)."""
+        :meth:`_adopt_unchecked_state`)."""
         for saved_id, p in pairs:
             saved = saved_state.get(saved_id)
             if not saved:
