@@ -10,13 +10,8 @@ results are those of the pure rule run on CuPy, bit for bit.
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
-import numpy as np
-
-from . import _elementwise
-
-CUPY_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
+from . import _c_source, _elementwise
 
 
 def step(rule, state, params, grads, hyper):
@@ -41,8 +36,8 @@ def step(rule, state, params, grads, hyper):
         if dtype not in scalars:
             scalars[dtype] = tensor_rule.scalars(xp, new_count, dtype, hyper)
         c = scalars[dtype]
-        dtypes = (np.dtype(p.dtype), np.dtype(g.dtype), np.dtype(buffers[0].dtype))
-        kernel, names = _compiled(tensor_rule, dtypes, decays, _describe(c))
+        dtypes = (str(p.dtype), str(g.dtype), str(buffers[0].dtype))
+        kernel, names = _compiled(tensor_rule, dtypes, decays, _elementwise.describe(c))
         kernel(g, *(getattr(c, name) for name in names), p, *buffers)
     return type(state)(new_count, *columns)
 
@@ -51,23 +46,9 @@ def _check_dtypes(params, grads, columns):
     """Refuse, before any kernel runs, the dtypes the traced kernels do not take."""
     arrays = [*params, *grads, *(b for column in columns for b in column)]
     for a in arrays:
-        if np.dtype(a.dtype) not in _elementwise.C_TYPES or a.dtype == np.bool_:
+        if str(a.dtype) not in ("float32", "float64"):
             raise TypeError(f"fused=True takes float32 and float64 arrays, got {a.dtype}; "
                             "use fused=False for other dtypes")
-
-
-def _describe(c) -> tuple:
-    """What a traced kernel depends on in the step's scalars, hashable: flags by value
-    (static choices), numbers and arrays by kind and dtype (they are arguments)."""
-    out = []
-    for name, value in vars(c).items():
-        if isinstance(value, bool):
-            out.append((name, "flag", value))
-        elif isinstance(value, (int, float)):
-            out.append((name, "number", None))
-        else:
-            out.append((name, "array", str(value.dtype)))
-    return tuple(out)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,14 +56,15 @@ def _compiled(tensor_rule, dtypes, decays, description):
     """The CuPy kernel for one rule, dtypes, weight decay on/off and scalars."""
     import cupy
 
-    stand_ins = {name: {"flag": value, "number": 0.0}.get(kind) if kind != "array"
-                 else np.zeros((), dtype=value) for name, kind, value in description}
     param, grad, state = dtypes
-    kernel = _elementwise.trace(tensor_rule, SimpleNamespace(**stand_ins),
-                                {"param": param, "grad": grad, "state": state}, decays)
-    inputs = ", ".join(f"{CUPY_TYPES[t]} {n}" for n, t in kernel.inputs)
-    outputs = ", ".join(f"{CUPY_TYPES[t]} {n}" for n, t in kernel.outputs)
-    compiled = cupy.ElementwiseKernel(inputs, outputs, kernel.body,
-                                      name=f"mvn_core_{tensor_rule.name}_step",
-                                      options=("--fmad=false",))
-    return compiled, kernel.scalars
+    trace = _elementwise.trace(tensor_rule, description,
+                               {"param": param, "grad": grad, "state": state}, decays=decays)
+    types = {i.name: i.dtype for i in trace.inputs}
+    inputs = ["g"] + [f"s_{name}" for name in trace.scalars]
+    outputs = ["p"] + [f"b_{n}" for n in trace.buffer_names]
+    compiled = cupy.ElementwiseKernel(
+        ", ".join(f"{types[n]} {n}" for n in inputs),
+        ", ".join(f"{types[n]} {n}" for n in outputs),
+        _c_source.elementwise_body(trace), name=f"mvn_core_{tensor_rule.name}_step",
+        options=("--fmad=false",))
+    return compiled, trace.scalars

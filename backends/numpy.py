@@ -49,3 +49,18 @@ def compile(fn):
 
 def synchronize(x=None):
     return x
+
+
+def round_to(values, dtype):
+    """``values`` rounded to the nearest numbers of ``dtype`` (a name), to nearest and
+    ties to even, as a NumPy array.  NumPy has no bfloat16: its values are kept in
+    float32, with 8 significant bits (NaN stays NaN)."""
+    import numpy as np
+
+    if dtype != "bfloat16":
+        return np.asarray(values).astype(dtype)
+    values = np.asarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    nearest_even = ((bits >> 16) & 1) + 0x7FFF
+    rounded = ((bits + nearest_even) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(values), np.float32(np.nan), rounded)

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mvn_core.backends.numpy import round_to
+
 # 0-d, empty (1-d and 2-d), 1-d, 2-d and 4-d tensors: every rule must take all of them.
 SHAPES = ((), (0,), (0, 3), (7,), (5, 4), (2, 3, 2, 3))
 
@@ -53,13 +55,3 @@ def portable(problem: Problem) -> Problem:
     subnormals become zero, which the rules take like any other gradient.
     """
     return rounded(rounded(problem, "bfloat16"), "float16")
-
-
-def round_to(values, dtype) -> np.ndarray:
-    """``values`` rounded to the nearest numbers of ``dtype``, as a NumPy array.  NumPy
-    has no bfloat16: its values are kept in float32, with 8 significant bits."""
-    if dtype != "bfloat16":
-        return np.asarray(values).astype(dtype)
-    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
-    nearest_even = ((bits >> 16) & 1) + 0x7FFF
-    return ((bits + nearest_even) & 0xFFFF0000).astype(np.uint32).view(np.float32)

@@ -1,0 +1,232 @@
+"""The CPU kernel path, shared by the PyTorch and NumPy adapters: a rule traced
+(:mod:`._elementwise`), printed as one multi-tensor C function (:mod:`._c_source`),
+compiled once (:mod:`._native`), and launched once per batch of tensors that share
+their dtypes.
+
+A launch takes the tensors' element counts and data pointers, and the step's scalars
+as computed by the rule itself with the arrays' own library (``TensorRule.scalars``:
+bias corrections and all), so that the kernel repeats the pure rule's arithmetic on
+the same numbers.  A rule's per-tensor statistic (NovoGrad's squared norm) is also
+the library's own reduction (``TensorRule.statistics``): its order of summation is
+the library's, which a kernel could not reproduce bit for bit.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import functools
+import os
+import warnings
+from types import SimpleNamespace
+from typing import Any, Callable, NamedTuple, Sequence
+
+from . import _c_source, _elementwise, _native
+
+CHUNK = 1 << 15  # elements per chunk of the parallel loop: 128 kB of float32 per array
+SERIAL = 1 << 16  # below this many elements a launch runs on one thread
+DTYPES = frozenset(_elementwise.FLOATING)
+
+
+KernelUnavailable = _native.KernelUnavailable
+
+
+def unavailable_reason() -> str | None:
+    """Why kernels cannot be built here (said once in a warning too), or None."""
+    try:
+        _native.compiler()
+        return None
+    except KernelUnavailable as error:
+        _warn_once(str(error))
+        return str(error)
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"mvn-core runs its slower multi-tensor path instead of a generated "
+                  f"kernel: {reason}", RuntimeWarning, stacklevel=4)
+
+
+def buildable(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool,
+              negate_grad: bool = False) -> bool:
+    """Whether the kernel of this step compiles (it is compiled now if need be); a
+    failure is said once in a warning."""
+    try:
+        compiled(tensor_rule, _elementwise.describe(c), dtypes, decays, negate_grad)
+        return True
+    except KernelUnavailable as error:
+        _warn_once(str(error))
+        return False
+
+
+def forget_compiled() -> None:
+    """Forget the kernels loaded in this process (the disk cache stays), as a new
+    process starts: for measuring first steps."""
+    _compiled.cache_clear()
+    _native._load.cache_clear()
+
+
+@contextlib.contextmanager
+def cache_dir_set_to(folder: str):
+    """Compile into, and load from, ``folder`` meanwhile (``MVN_CORE_CACHE_DIR``)."""
+    old = os.environ.get("MVN_CORE_CACHE_DIR")
+    os.environ["MVN_CORE_CACHE_DIR"] = folder
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MVN_CORE_CACHE_DIR"]
+        else:
+            os.environ["MVN_CORE_CACHE_DIR"] = old
+
+
+def supports(dtypes: Sequence[str]) -> bool:
+    return all(d in DTYPES for d in dtypes)
+
+
+def compiled(tensor_rule, description: tuple, dtypes: tuple, decays: bool,
+             negate_grad: bool = False) -> tuple[_c_source.CpuKernel, Callable]:
+    """The kernel of ``tensor_rule`` for one combination of dtypes (param, grad, state,
+    state of one value per tensor) and static options, and its compiled function.
+    Raises :class:`~._native.KernelUnavailable` where none can be built (once: the
+    failure is remembered)."""
+    built = _compiled(tensor_rule, description, dtypes, decays, negate_grad)
+    if isinstance(built, KernelUnavailable):
+        raise built
+    return built
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(tensor_rule, description, dtypes, decays, negate_grad):
+    try:
+        return _build(tensor_rule, description, dtypes, decays, negate_grad)
+    except KernelUnavailable as error:
+        return error
+
+
+def _build(tensor_rule, description, dtypes, decays, negate_grad):
+    names = dict(zip(("param", "grad", "state", "tensor_state"), dtypes))
+    try:
+        trace = _elementwise.trace(tensor_rule, description, names, decays=decays,
+                                   negate_grad=negate_grad)
+    except (NotImplementedError, AttributeError, TypeError) as error:
+        # e.g. a rule of the user's calling a function that kernels do not have
+        raise KernelUnavailable(f"{tensor_rule.name} cannot be traced into a kernel: "
+                                f"{error}") from error
+    name = f"mvn_core_{tensor_rule.name}_step"
+    kernel = _c_source.cpu_kernel(trace, name)
+    return kernel, _native.function(kernel.source, name)
+
+
+def step(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool, numel: Sequence[int],
+         pointers: Sequence[Sequence[int]], stats: Any = None, threads: int | None = None,
+         negate_grad: bool = False) -> None:
+    """One launch: ``pointers`` per role of the kernel (:attr:`CpuKernel.roles`), each a
+    list of data pointers, one per tensor; ``stats`` the address of the statistics as
+    float64 (one per tensor) for a rule that has one."""
+    kernel, fn = compiled(tensor_rule, _elementwise.describe(c), dtypes, decays, negate_grad)
+    table = array.array("Q")
+    for role in pointers:
+        table.extend(role)
+    scalars = array.array("d", (_double(getattr(c, name)) for name in kernel.scalars))
+    counts = array.array("q", numel)
+    total = sum(counts)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
+       CHUNK, 1 if total < SERIAL else max(1, threads))
+
+
+def _address(buffer: array.array) -> int:
+    return buffer.buffer_info()[0] if len(buffer) else 0
+
+
+def _double(value: Any) -> float:
+    """A scalar of the step as a double: exact for float32 and float64 values."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+class Launch(NamedTuple):
+    """One kernel call: the tensors (indices), their compute dtype, the kernel's dtype
+    names (param, grad, state, state of one value per tensor) and the step's scalars."""
+
+    members: list[int]
+    dtype: Any
+    names: tuple[str, ...]
+    c: SimpleNamespace
+
+
+def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
+         takes: Callable[[int], bool], negate_grad: bool = False
+         ) -> tuple[list[Launch], list[int]]:
+    """The launches of one step, and the tensors left to another path: those that
+    ``takes`` refuses (``takes(i)``: the library's conditions, e.g. device and
+    contiguity), whose dtypes have no kernel, or whose kernel cannot be built.  Every
+    kernel is compiled here, before anything is written.  ``negate_grad``: the rule
+    gets ``-g`` (``maximize``)."""
+    launches, rest = [], []
+    element, per_tensor = split_buffers(tensor_rule, columns)
+    for members, dtype in same_dtypes(xp, tensor_rule, params, grads, columns):
+        first = members[0]
+        names = [params[first].dtype, grads[first].dtype, (element or per_tensor)[0][first].dtype]
+        names += [per_tensor[0][first].dtype] if per_tensor else []
+        names = tuple(str(n).rsplit(".", 1)[-1] for n in names)
+        if not (supports(names) and all(takes(i) for i in members)):
+            rest += members
+            continue
+        c = tensor_rule.scalars(xp, new_count, dtype, hyper)
+        if buildable(tensor_rule, c, names, decays, negate_grad):
+            launches.append(Launch(members, dtype, names, c))
+        else:
+            rest += members
+    return launches, rest
+
+
+def run(xp, tensor_rule, launches: list[Launch], params, grads, columns, decays,
+        address: Callable[[Any], int], numel: Callable[[Any], int], statistics=None,
+        threads: int | None = None, negate_grad: bool = False) -> None:
+    """Launch the kernels of :func:`plan` (with its ``negate_grad``).  ``address(array)``
+    is an array's data pointer, ``numel(array)`` its number of elements;
+    ``statistics``: the rule's statistic per tensor where it is not to be taken of
+    ``grads`` (local shards of sharded tensors), else None."""
+    element, per_tensor = split_buffers(tensor_rule, columns)
+    for members, dtype, names, c in launches:
+        stats = _statistics(xp, tensor_rule, grads, members, dtype, statistics, negate_grad)
+        pointers = [[address(params[i]) for i in members], [address(grads[i]) for i in members]]
+        pointers += [[address(column[i]) for i in members] for column in element + per_tensor]
+        step(tensor_rule, c, names, decays, [numel(params[i]) for i in members], pointers,
+             None if stats is None else address(stats), threads, negate_grad)
+
+
+def same_dtypes(xp, tensor_rule, params, grads, columns) -> list[tuple[list[int], Any]]:
+    """Indices of the tensors sharing gradient, parameter and state dtypes, and the
+    dtype the rule computes them in (the core's promotion)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        key = (g.dtype, p.dtype, *(column[i].dtype for column in columns))
+        groups.setdefault(key, []).append(i)
+    return [(members, tensor_rule.compute_dtype(xp, *key)) for key, members in groups.items()]
+
+
+def split_buffers(tensor_rule, columns) -> tuple[list, list]:
+    """The state's columns in the kernel's order: those of per-element buffers, and
+    those of one value per tensor."""
+    scalar = tensor_rule.scalar_buffers
+    named = list(zip(tensor_rule.buffer_names, columns))
+    return ([c for n, c in named if n not in scalar], [c for n, c in named if n in scalar])
+
+
+def _statistics(xp, tensor_rule, grads, members, dtype, given, negate_grad):
+    """The rule's statistic of each tensor as one float64 array, by the library's own
+    reductions (the pure rule's), or None for a rule without one."""
+    if tensor_rule.statistic is None:
+        return None
+    if given is not None:
+        values = [given[i] for i in members]
+    else:
+        # -g, exactly, as the pure rule sees it
+        values = tensor_rule.statistics(xp, [(-grads[i] if negate_grad else grads[i], dtype)
+                                             for i in members])
+    return xp.astype(xp.stack([xp.reshape(v, ()) for v in values]), xp.float64)
