@@ -60,7 +60,6 @@ def _on_local_shards(plain, rule, params, grads, columns, count, hyper):
     options = {}
     if rule.tensor_rule.statistic is not None:
         options["statistics"] = _statistics(rule, params, grads, columns)
-        plain = _torch_paths.multi_tensor
     new_count, _ = plain(rule, _local(params), _local(grads), [_local(c) for c in columns],
                          count, hyper, **options)
     return new_count, columns  # written in place, through the local shards

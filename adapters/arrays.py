@@ -47,12 +47,20 @@ class ArrayOptimizer:
     its options (``{"center": "channel"}``); its options are in ``opt.gan`` (None when
     off).  ``state_dtype`` goes to the rule's ``init``, e.g. float64 state for float32
     params.
+
+    ``fused`` chooses how a step runs.  ``None`` (the default): on NumPy arrays, one
+    generated C kernel steps every array in one call (:mod:`._cpu_kernel`: compiled at
+    first use, cached on disk; bit for bit the pure rule on NumPy), where the arrays
+    are contiguous and a C compiler is found, else the pure rule; on CuPy arrays, the
+    pure rule.  ``True``: the generated kernel, on NumPy as above (an error where it
+    cannot run) and on CuPy one traced elementwise kernel per array (per-coordinate
+    rules).  ``False``: the pure rule, always.
     """
 
     rule: ClassVar[Rule | None] = None
 
     def __init__(self, params: Any, *, gan: bool | Mapping = False, state_dtype: Any = None,
-                 fused: bool = False, **hyperparameters: Any) -> None:
+                 fused: bool | None = None, **hyperparameters: Any) -> None:
         if self.rule is None:
             raise TypeError("ArrayOptimizer is generic: use a class made by optimizer_class(rule), "
                             "e.g. mvn_core.adapters.arrays.Adam")
@@ -65,7 +73,7 @@ class ArrayOptimizer:
         self._library = _library_of(params)
         _check_writable(params)
         _check_disjoint(params)
-        self._fused = _checked_fused(fused, self.rule, self._library)
+        self._path = _path_of(fused, self.rule, self._library)
         self.params = params
         self.hyperparameters = {**self.rule.defaults, **hyperparameters}
         self._gan = gan
@@ -73,9 +81,11 @@ class ArrayOptimizer:
         self._state, self._gan_state = state, gan_state
 
     @property
-    def fused(self) -> bool:
-        """Whether steps run the fused CuPy kernels (fixed when the optimizer is made)."""
-        return self._fused
+    def path(self) -> str:
+        """How steps run (fixed when the optimizer is made): ``"kernel"`` (the generated
+        CPU kernel, where the arrays allow, else the pure rule), ``"kernel-only"``
+        (``fused=True`` on NumPy), ``"cupy-kernel"`` or ``"pure"``."""
+        return self._path
 
     @property
     def state(self) -> Any:
@@ -107,23 +117,30 @@ class ArrayOptimizer:
         if self._gan is not None:
             _check_hyperparameters(GAN, self._gan)
             grads, gan_state = GAN.update(gan_state, grads, self.params, **self._gan)
-        if self.fused:
-            self._state = self._fused_step(grads)
-            self._gan_state = gan_state
-            return
+        if self._path != "pure":
+            state = self._kernel_step(grads)
+            if state is not None:
+                self._state, self._gan_state = state, gan_state
+                return
         updates, state = self.rule.update(self._state, grads, self.params, **self.hyperparameters)
         for p, u in zip(self.params, updates):
             p += u.astype(p.dtype, copy=False)
         self._state, self._gan_state = state, gan_state
 
-    def _fused_step(self, grads: Any) -> Any:
-        """The fused CuPy path: the rule's checks, then one traced kernel per tensor that
-        writes params and state in place (see :mod:`._cupy_fused`)."""
-        from . import _cupy_fused
-
+    def _kernel_step(self, grads: Any) -> Any:
+        """A step through a generated kernel, in place, after the rule's own checks: the
+        new state, or None where the kernel cannot take these arrays (the pure rule
+        runs instead)."""
         call, hyper = self.rule.tensor_rule.checked_call(self._state, grads, self.params,
                                                          self.hyperparameters)
-        return _cupy_fused.step(self.rule, self._state, self.params, call.grads, hyper)
+        if self._path == "cupy-kernel":
+            from . import _cupy_fused
+
+            return _cupy_fused.step(self.rule, self._state, self.params, call.grads, hyper)
+        new = _numpy_kernel_step(self.rule, self._state, self.params, call.grads, hyper)
+        if new is None and self._path == "kernel-only":
+            raise RuntimeError(f"fused=True cannot run here: {_kernel_refusal(self.params)}")
+        return new
 
     def state_dict(self) -> dict:
         """A plain, picklable dict: the rule's name, the hyperparameters, the state and GAN's.
@@ -226,7 +243,7 @@ def _signature(rule: Rule) -> inspect.Signature:
     P = inspect.Parameter
     fixed = [P("params", P.POSITIONAL_OR_KEYWORD), P("gan", P.KEYWORD_ONLY, default=False),
              P("state_dtype", P.KEYWORD_ONLY, default=None),
-             P("fused", P.KEYWORD_ONLY, default=False)]
+             P("fused", P.KEYWORD_ONLY, default=None)]
     hyper = [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.defaults.items()]
     return inspect.Signature(fixed + hyper)
 
@@ -245,16 +262,67 @@ def _checked_saved_hyperparameters(rule: Rule, saved: Any) -> dict:
     return {**rule.defaults, **saved}
 
 
-def _checked_fused(fused: Any, rule: Rule, library: str) -> bool:
-    if not isinstance(fused, bool):
-        raise TypeError(f"fused must be True or False, got {fused!r}")
-    if fused and library != "cupy":
-        raise ValueError("fused=True compiles a CUDA kernel: it needs CuPy arrays "
-                         f"(these are {library} arrays, which run the pure rule)")
-    if fused and not rule.per_coordinate:
-        raise ValueError(f"fused=True needs a per-coordinate rule; {rule.name} has a "
+def _path_of(fused: Any, rule: Rule, library: str) -> str:
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    if fused is False:
+        return "pure"
+    if library == "numpy":
+        return "kernel-only" if fused else "kernel"
+    if not fused:
+        return "pure"
+    if not rule.per_coordinate:
+        raise ValueError(f"fused=True on CuPy needs a per-coordinate rule; {rule.name} has a "
                          "per-tensor norm (it runs the pure rule)")
-    return fused
+    return "cupy-kernel"
+
+
+def _numpy_kernel_step(rule: Rule, state: Any, params: tuple, grads: list, hyper: dict) -> Any:
+    """The generated CPU kernel over NumPy arrays, in place: the new state (the same
+    buffers, the count advanced), or None where it cannot run (nothing written)."""
+    import array_api_compat.numpy as xp
+
+    from . import _cpu_kernel
+
+    if _cpu_kernel.unavailable_reason() is not None:
+        return None
+    tensor_rule = rule.tensor_rule
+    decays = tensor_rule.decays(hyper)
+    columns = list(state[1:])
+    new_count = xp.asarray(state.count + 1)
+    # A NumPy scalar (np.float32(0.5)) is taken as a 0-d gradient; its data pointer would
+    # be a temporary's: hold it as an array.
+    grads = [np.asarray(g) for g in grads]
+    element, _ = _cpu_kernel.split_buffers(tensor_rule, columns)
+
+    def takes(i):
+        arrays = (params[i], grads[i], *(column[i] for column in element))
+        return all(a.flags.c_contiguous for a in arrays)
+
+    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, columns, new_count,
+                                      hyper, decays, takes)
+    if rest:
+        return None
+    _cpu_kernel.run(xp, tensor_rule, launches, params, grads, columns, decays,
+                    _address, _size)
+    return type(state)(new_count, *columns)
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _size(a: np.ndarray) -> int:
+    return a.size
+
+
+def _kernel_refusal(params: tuple) -> str:
+    from . import _cpu_kernel
+
+    return _cpu_kernel.unavailable_reason() or (
+        "the generated kernel takes C-contiguous float16, float32 and float64 arrays "
+        f"(here: {sorted({str(p.dtype) for p in params})}); leave fused unset to fall back "
+        "to the pure rule")
 
 
 def _refuse_one_array(params: Any) -> None:

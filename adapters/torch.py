@@ -14,11 +14,13 @@ decay is decoupled (AdamW style) unless ``coupled_weight_decay=True``: ``Adam`` 
 decay needs ``coupled_weight_decay=True``.  Options of every class: ``maximize``,
 ``gan`` (Gradient Autoscaled Normalization in front of the rule, per group: ``True`` or
 a dict of its options ``center``/``scale``), ``state_dtype`` (e.g. ``torch.float32``
-state for bfloat16 parameters), and the execution path (:mod:`._torch_paths`):
-``foreach=None`` (default) runs the rule on lists of tensors with multi-tensor kernels,
-bit for bit the pure rule's results; ``foreach=False`` calls the pure rule itself;
-``fused=True`` compiles the rule with ``torch.compile`` into fused kernels (the first
-step compiles for some seconds; results differ from the pure rule's by rounding).
+state for bfloat16 parameters), and the execution path (:mod:`._torch_paths`), all
+bit for bit the pure rule's results: by default (``foreach=None, fused=None``) one
+generated multi-tensor kernel steps all tensors of a group (C with OpenMP on the CPU,
+compiled at first use and cached on disk), and where none can be built, the rule runs
+on lists of tensors with PyTorch's multi-tensor kernels; ``fused=True`` asks for the
+generated kernel (an error where it cannot run), ``foreach=True`` for the multi-tensor
+kernels, and ``foreach=False`` calls the pure rule itself.
 DTensor parameters (FSDP2, tensor parallelism) step on their local shards
 (:mod:`._torch_sharded`), with state sharded like them.
 """
@@ -38,7 +40,7 @@ from . import _torch_sharded
 from ._common import gan_options
 
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
-           "fused": False}
+           "fused": None}
 # The core's names gathered into torch's ``betas`` pair, per rule that has one.
 BETAS = {"maxva": ("b1", "b2_max"), "mvn": ("b1", "b2"), "novograd": ("b1", "b2"),
          "adam": ("b1", "b2"), "adabelief": ("b1", "b2"), "laprop": ("b1", "b2")}
@@ -85,11 +87,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"a param group of rule {group['rule']!r} given to {type(self).__name__}")
         self.rule.check_hyperparameters(**self._rule_hyperparameters(group))
         gan_options(group["gan"])
-        for flag in ("maximize", "fused"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"{flag} must be True or False, got {group[flag]!r}")
-        if group["foreach"] not in (None, True, False):
-            raise TypeError(f"foreach must be None, True or False, got {group['foreach']!r}")
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"maximize must be True or False, got {group['maximize']!r}")
+        for option in ("foreach", "fused"):
+            if group[option] is not None and not isinstance(group[option], bool):
+                raise TypeError(f"{option} must be None, True or False, got {group[option]!r}")
         if group["fused"] and group["foreach"]:
             raise ValueError("foreach=True and fused=True exclude each other")
 
@@ -221,6 +223,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         """The execution path a group's options select (see :mod:`._torch_paths`)."""
         if group["fused"]:
             return "fused"
+        if group["foreach"] is None and group["fused"] is None:
+            return "kernel"
         return "reference" if group["foreach"] is False else "multi_tensor"
 
     def _gan(self, group, params, grads):

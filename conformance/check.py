@@ -6,7 +6,8 @@ A *cell* is one rule on one backend and device, in one dtype, through one path o
 problem of :mod:`.references` and compares every coordinate at every step with the
 reference within the rounding bound of :mod:`.tolerance` (:mod:`.comparison`).  A cell
 passes when every setting does.  Each non-pure path is also compared with the pure
-path of its backend, device and dtype (0: the same values).
+path of its backend, device and dtype (0: the same values), and an exact path fails
+on any difference from what it promises (:attr:`.paths.Path.exact`).
 
 What cannot run here (a library, a device or a path's module missing) is listed as
 skipped with the reason; it is not a failure.  :func:`run_check` returns a
@@ -19,16 +20,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import mvn_core
 from mvn_core import backends
 from mvn_core.backends import generic
 
 from . import peers as peer_checks
 from .cases import RULES, Case, cases
 from .comparison import Comparison, compare, reference_bounds, relative_difference
-from .paths import PATHS, Path
+from .paths import PATHS, Path, as_float64
 from .references import (FOLDER, SEED, STEPS, Goldens, Reference, check_problem,
                          oracle_reference)
 from .targets import device_name, devices
+from .trajectories import ieee_trajectory
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 REFERENCES = ("oracle", "goldens")
@@ -286,10 +289,11 @@ class _ReferenceSource:
 
 def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict) -> Run:
     reference, bounds = source.reference(case), source.bounds(case, cell.dtype)
+    path = PATHS[cell.path]
     started = time.perf_counter()
     try:
-        got = PATHS[cell.path].run(case.rule, cell.target.backend, cell.target.device,
-                                   cell.dtype, source.problem, **case.hyper)
+        got = path.run(case.rule, cell.target.backend, cell.target.device, cell.dtype,
+                       source.problem, **case.hyper)
     except Exception as error:  # a path or namespace that cannot run this: an error row
         return Run(case, "error", None, f"{type(error).__name__}: {error}", None,
                    time.perf_counter() - started)
@@ -303,10 +307,31 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
         vs_pure = relative_difference(got, pure_runs[key]) if key in pure_runs else None
     status = "pass" if comparison.passed else "fail"
     message = comparison.message
-    if PATHS[cell.path].exact and vs_pure:  # promised bit for bit, and it is not
+    if path.exact == "pure" and vs_pure:  # promised bit for bit, and it is not
         status = "fail"
         message = f"differs from the pure path by {vs_pure:.2g} (relative); it must be identical"
+    elif path.exact == "ieee":
+        vs_ieee = relative_difference(got, _ieee_run(case, cell, source.problem, pure_runs))
+        if vs_ieee:
+            status = "fail"
+            message = (f"differs from the rule in IEEE arithmetic by {vs_ieee:.2g} "
+                       "(relative); it must be identical")
     return Run(case, status, comparison, message, vs_pure, seconds)
+
+
+def _ieee_run(case: Case, cell: Cell, problem, pure_runs: dict) -> list:
+    """The rule in IEEE arithmetic on the cell's backend (a transform, which no kernel
+    runs, is its pure run), computed once per case, backend, device and dtype."""
+    key = ("ieee", case.id, cell.backend, cell.device, cell.dtype)
+    if key not in pure_runs:
+        if mvn_core.rules[case.rule].tensor_rule is None:
+            pure_runs[key] = PATHS["pure"].run(case.rule, cell.target.backend, cell.target.device,
+                                               cell.dtype, problem, **case.hyper)
+        else:
+            pure_runs[key] = as_float64(ieee_trajectory(
+                case.rule, cell.target.backend, problem, dtype=cell.dtype,
+                device=cell.target.device, **case.hyper))
+    return pure_runs[key]
 
 
 def _run_peers(selection: Selection) -> list:

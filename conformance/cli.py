@@ -123,7 +123,7 @@ def _add_check_parser(commands) -> None:
                        help=f"steps per run (default {STEPS}, the goldens' number)")
     steps.add_argument("--full", action="store_true",
                        help=f"{FULL_STEPS} steps per run (with the oracle), and every path, "
-                            "the slow-to-compile ones too (torch-fused)")
+                            "those left out by default too")
     check.add_argument("--peers", action="store_true",
                        help="also run the cross-checks against torch.optim, optax, timm and "
                             "adabelief-pytorch (for the selected rules and dtypes)")

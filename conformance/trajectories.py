@@ -39,3 +39,74 @@ def core_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
             params = result
         out.append([lib.to_numpy(a) for a in result])
     return out
+
+
+def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None, **hyper):
+    """The rule's per-tensor mathematics (``TensorRule.step_tensor``) evaluated in IEEE
+    arithmetic, each operation correctly rounded (on NumPy), from the step's scalars and
+    the statistics that the backend's library computes: what the generated kernels
+    compute, bit for bit, on that backend.  Parameters after each step, as NumPy arrays.
+
+    It differs from the pure rule run on the backend itself only where the library's
+    own elementwise operations are not correctly rounded (PyTorch's CPU square root,
+    for one, is not).  bfloat16 is held in NumPy through ``ml_dtypes``.
+    """
+    import array_api_compat
+    import array_api_compat.numpy as npx
+
+    lib = backends.get(backend)
+    rule = mvn_core.rules[rule_name]
+    tensor_rule = rule.tensor_rule
+    hyper = tensor_rule.checked_hyperparameters({**rule.defaults, **hyper})
+    decays = tensor_rule.decays(hyper)
+    params = [lib.from_numpy(a, device=device, dtype=dtype) for a in problem.params]
+    xp = array_api_compat.array_namespace(*params)
+    state = rule.init(params)
+    count = state.count
+    host = [_host(lib, p) for p in params]
+    columns = [[_host(lib, b) for b in column] for column in state[1:]]
+    out = []
+    for grads in problem.grads:
+        grads = [lib.from_numpy(a, device=device, dtype=dtype) for a in grads]
+        count = count + 1
+        dtypes = [tensor_rule.compute_dtype(xp, g.dtype, state[1][i].dtype, params[i].dtype)
+                  for i, g in enumerate(grads)]
+        statistics = tensor_rule.statistics(xp, list(zip(grads, dtypes)))
+        for i, g in enumerate(grads):
+            c = tensor_rule.scalars(xp, count, dtypes[i], hyper)
+            c = type(c)(**{k: _host(lib, v) if _is_array(v) else v for k, v in vars(c).items()})
+            stat = None if statistics[i] is None else _host(lib, statistics[i])
+            old = tuple(column[i] for column in columns)
+            p = host[i]
+            update, new = tensor_rule.step_tensor(npx, c, _host(lib, g), p if decays else None,
+                                                  old, p.dtype, stat)
+            host[i] = npx.asarray(p + npx.astype(update, p.dtype))
+            for column, value in zip(columns, new):
+                column[i] = npx.asarray(value)
+        out.append([np_float(p) for p in host])
+    return out
+
+
+def _is_array(value) -> bool:
+    import array_api_compat
+
+    return array_api_compat.is_array_api_obj(value)
+
+
+def _host(lib, x):
+    """``x`` as a NumPy array of its own dtype (bfloat16 through ``ml_dtypes``)."""
+    import numpy as np
+
+    value = np.asarray(lib.to_numpy(x))
+    if "bfloat16" in str(x.dtype):
+        import ml_dtypes
+
+        value = value.astype(ml_dtypes.bfloat16)
+    return value
+
+
+def np_float(x):
+    """A NumPy copy of ``x``, bfloat16 widened to float32 (exactly)."""
+    import numpy as np
+
+    return np.array(x, dtype=np.float32 if x.dtype.name == "bfloat16" else x.dtype)

@@ -594,4 +594,34 @@ def test_views_of_one_buffer_are_refused():
         arrays.SGD([buffer[:6], buffer[4:]], lr=0.1)
     arrays.SGD([buffer[:5], buffer[5:]], lr=0.1)  # disjoint views of one buffer are fine
     with pytest.raises(AttributeError):
-        arrays.SGD([np.ones(2)]).fused = True  # fixed when made: a NumPy array cannot fuse
+        arrays.SGD([np.ones(2)]).path = "pure"  # fixed when made
+
+
+# The generated kernel (the default for NumPy arrays) and its fallback
+
+
+@pytest.mark.parametrize("fused,path", [(None, "kernel"), (True, "kernel-only"), (False, "pure")])
+def test_the_path_follows_fused(fused, path):
+    assert arrays.Adam([np.ones(2)], fused=fused).path == path
+    with pytest.raises(TypeError, match="fused must be None, True or False"):
+        arrays.Adam([np.ones(2)], fused=1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_arrays_the_kernel_cannot_take_run_the_pure_rule(name):
+    """A strided view (here: every other element) makes the step run the pure rule:
+    the same trajectory; with fused=True it is refused, and nothing changes."""
+    params, grad_steps = _problem("float32")
+    strided = [np.repeat(p.reshape(-1), 2).reshape(*p.shape, 2)[..., 0] if p.ndim else p.copy()
+               for p in params]
+    opt = arrays.OPTIMIZERS[name](strided, **HYPER[name])
+    expected = _pure_run(name, params, grad_steps, [HYPER[name]] * STEPS)
+    for grads, (want, _) in zip(grad_steps, expected):
+        opt.step(grads)
+    _assert_identical([np.array(p) for p in opt.params], want)
+    strict = arrays.OPTIMIZERS[name](strided, fused=True, **HYPER[name])
+    before = [p.copy() for p in strict.params]
+    with pytest.raises(RuntimeError, match="fused=True cannot run here"):
+        strict.step(grad_steps[0])
+    _assert_identical([np.array(p) for p in strict.params], before)
+    assert int(strict.state.count) == 0

@@ -352,19 +352,23 @@ def test_a_failing_peer_fails_the_check(capsys, monkeypatch):
     assert all(c["status"] == "pass" for c in report["cells"])
 
 
-def test_the_fused_torch_path_runs_when_named(capsys):
-    """Left out by default (compiling takes seconds per rule, dtype and option), it is
-    checked like any other path when asked for."""
+def test_the_torch_paths_each_pass_their_exactness(capsys):
+    """The generated kernel (the default) is the rule in IEEE arithmetic bit for bit,
+    the multi-tensor and reference paths the pure rule on torch bit for bit."""
     _installed("torch")
-    status, report, _ = _check(capsys, "--rules", "adam", "--backends", "torch",
-                               "--dtypes", "float32", "--paths", "torch-fused")
+    status, report, _ = _check(capsys, "--rules", "mvn,novograd", "--backends", "torch",
+                               "--dtypes", "float32,bfloat16", "--paths",
+                               "pure,torch-adapter,torch-multi-tensor,torch-reference")
     assert status == 0
-    assert [(c["path"], c["status"]) for c in report["cells"]] == [("torch-fused", "pass")]
+    assert {c["path"] for c in report["cells"]} == {
+        "pure", "torch-adapter", "torch-multi-tensor", "torch-reference"}
+    assert all(c["status"] == "pass" for c in report["cells"])
 
 
-def test_an_exact_path_that_differs_from_pure_fails(capsys, monkeypatch):
-    """A path promised bit for bit (exact=True) fails on any difference from the pure
-    path, even one well inside the oracle's bound."""
+@pytest.mark.parametrize("exact", ["pure", "ieee"])
+def test_an_exact_path_that_differs_from_pure_fails(capsys, monkeypatch, exact):
+    """A path promised bit for bit (``exact``) fails on any difference from what it
+    promises, even one well inside the oracle's bound."""
     _installed("numpy")
 
     def nudged(rule_name, backend, device, dtype, problem, **hyper):
@@ -372,7 +376,7 @@ def test_an_exact_path_that_differs_from_pure_fails(capsys, monkeypatch):
         return [[np.nextafter(a, np.inf) for a in step] for step in out]
 
     monkeypatch.setitem(paths.PATHS, "nudged",
-                        paths.Path("nudged", nudged, ("numpy",), "", exact=True))
+                        paths.Path("nudged", nudged, ("numpy",), "", exact=exact))
     status, report, _ = _check(capsys, "--rules", "adam", "--backends", "numpy",
                                "--dtypes", "float64", "--paths", "pure,nudged")
     assert status == 1
