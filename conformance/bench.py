@@ -200,7 +200,7 @@ def run_bench(config: Config = Config(), progress: Callable[[str], None] | None 
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     report = {"schema": SCHEMA, "config": dataclasses.asdict(config),
               "environment": environment(), "copy": [], "rows": [], "scaling": [],
-              "skipped": [], "targets": []}
+              "first_steps": [], "skipped": [], "targets": []}
     gc.collect()
     gc.freeze()
     try:
@@ -208,7 +208,7 @@ def run_bench(config: Config = Config(), progress: Callable[[str], None] | None 
             run_backend(backend_bench(name), config, report, progress)
     finally:
         gc.unfreeze()
-    report["targets"] = targets(report["rows"])
+    report["targets"] = targets(report)
     report["environment"]["load_average_after"] = load_average()
     if "torch" in sys.modules:
         report["environment"]["torch_threads"] = sys.modules["torch"].get_num_threads()
@@ -232,6 +232,13 @@ def run_backend(bench: BackendBench, config: Config, report: dict, progress) -> 
                              config.repeat)
     report["copy"] += copies
     report["rows"] += [dataclasses.asdict(r) for r in rows]
+    if bench.first_steps is not None and any(c.ours and c.compiled for c in cases):
+        work = bench.workload(n, k, kind)
+        first = dict(bench.first_steps(work), backend=bench.name, device=work.device_label,
+                     kind=kind, n=n, k=k)
+        report["first_steps"].append(first)
+        progress(f"  first step of MVN-Grad's default path: {first['cold_s']:.2f} s with an "
+                 f"empty kernel cache, {first['warm_s']:.3f} s with a warm one")
     if config.scaling:
         run_scaling(bench, kind, n, k, config, report, progress)
 

@@ -7,88 +7,142 @@ import json
 import os
 import platform
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
+
+import mvn_core
 
 from .bench_timing import OURS, SETTLE, SLOW_SHARE
 from .report import library_versions
 
-TARGET_RULE = "mvn"  # the targets are MVN-Grad's
+PER_COORDINATE = tuple(name for name, rule in mvn_core.rules.items()
+                       if rule.kind == "optimizer" and rule.per_coordinate)
 
 
 @dataclass(frozen=True)
 class Target:
-    """A figure of the speed issue's targets, computed from the rows of ``backend`` on
-    devices of ``kind`` (None: any); met when ``value <= limit`` (``at_most``) or
-    ``value >= limit``.  Printed, never asserted: timings depend on the machine."""
+    """A figure of the speed targets, computed from the figures of ``backend`` on
+    devices of ``kind``; met when ``value <= limit`` (``at_most``) or ``value >=
+    limit``.  ``value(figures)`` reads :class:`Figures`.  Printed, never asserted:
+    timings depend on the machine."""
 
     text: str
     backend: str
-    kind: str | None
+    kind: str
     limit: float
     at_most: bool
-    value: Callable[[list[dict]], float | None]
+    value: Callable[["Figures"], float | None]
+    unit: str = "ratio"  # "ratio", "share" (of the copy bandwidth) or "s"
 
 
-def _mvn_rows(rows, path=None) -> list[dict]:
-    return [r for r in rows if r["implementation"] == OURS and r["rule"] == TARGET_RULE
-            and r["ms_per_step"] is not None and path in (None, r["path"])]
+class Figures(NamedTuple):
+    """One backend's figures on one device: the rows at the run's N and K, the scaling
+    rows, and the first steps (cold and warm kernel cache)."""
+
+    rows: list[dict]
+    scaling: list[dict]
+    first_steps: list[dict]
 
 
-def _peer(rows, implementation, path) -> dict | None:
-    return next((r for r in rows if r["implementation"] == implementation and r["path"] == path
-                 and r["ms_per_step"] is not None), None)
+def _ours(rows, rule, path) -> dict | None:
+    return next((r for r in rows if r["implementation"] == OURS and r["rule"] == rule
+                 and r["path"] == path and r["ms_per_step"] is not None), None)
 
 
-def _fastest_to_baseline(rows):
-    ratios = [r["ratio_to_baseline"] for r in _mvn_rows(rows) if r["ratio_to_baseline"]]
-    return min(ratios, default=None)
-
-
-def _ratio_to(path, implementation, peer_path):
-    def value(rows):
-        ours, peer = _mvn_rows(rows, path), _peer(rows, implementation, peer_path)
-        return ours[0]["ms_per_step"] / peer["ms_per_step"] if ours and peer else None
+def _ratio(rule, path):
+    """Our row's time over the baseline's, at the run's N and K."""
+    def value(f: Figures):
+        row = _ours(f.rows, rule, path)
+        return row["ratio_to_baseline"] if row else None
     return value
 
 
-def _share_of_copy(path):
-    def value(rows):
-        ours = _mvn_rows(rows, path)
-        return ours[0]["fraction_of_copy"] if ours else None
+def _ratio_at(rule, path, k):
+    """Our time over the baseline's in the scaling rows at ``k`` tensors."""
+    def value(f: Figures):
+        row = _ours([r for r in f.scaling if r["sweep"] == "k" and r["k"] == k], rule, path)
+        return row["ratio_to_baseline"] if row else None
+    return value
+
+
+def _least_share(path):
+    """The least share of the copy bandwidth among the per-coordinate rules' rows."""
+    def value(f: Figures):
+        shares = [r["fraction_of_copy"] for r in (_ours(f.rows, n, path) for n in PER_COORDINATE)
+                  if r and r["fraction_of_copy"] is not None]
+        return min(shares) if len(shares) == len(PER_COORDINATE) else None
+    return value
+
+
+def _share(rule, path):
+    def value(f: Figures):
+        row = _ours(f.rows, rule, path)
+        return row["fraction_of_copy"] if row else None
+    return value
+
+
+def _first_step(cache):
+    def value(f: Figures):
+        return f.first_steps[0][f"{cache}_s"] if f.first_steps else None
     return value
 
 
 TARGETS = (
-    Target("torch CPU: MVN-Grad's fastest path / AdamW fused", "torch", "cpu", 1.5, True,
-           _fastest_to_baseline),
-    Target("torch CPU: MVN-Grad multi_tensor (default) / AdamW foreach", "torch", "cpu", 2.0,
-           True, _ratio_to("multi_tensor", "torch.optim.AdamW", "foreach")),
-    Target("JAX: mvn_grad / optax.adam, both jitted", "jax", None, 1.2, True,
-           _ratio_to("jit", "optax.adam", "jit")),
-    Target("torch GPU: MVN-Grad fused, share of copy bandwidth at 36 B/param", "torch", "gpu",
-           0.7, False, _share_of_copy("fused")),
-    Target("JAX GPU: mvn_grad jitted, share of copy bandwidth at 36 B/param", "jax", "gpu",
-           0.7, False, _share_of_copy("jit")),
-    Target("CuPy: MVN-Grad arrays, share of copy bandwidth at 36 B/param", "cupy", "gpu", 0.5,
-           False, _share_of_copy("arrays")),
+    Target("MVN-Grad's default step / AdamW(fused=True)", "torch", "cpu", 1.35, True,
+           _ratio("mvn", "kernel")),
+    Target("MaxVA's default step / AdamW(fused=True)", "torch", "cpu", 1.7, True,
+           _ratio("maxva", "kernel")),
+    Target("least share of the copy bandwidth of a per-coordinate rule (default path)",
+           "torch", "cpu", 0.8, False, _least_share("kernel"), "share"),
+    Target("2M params in 1,000 tensors: MVN-Grad / AdamW(fused=True)", "torch", "cpu", 0.5,
+           True, _ratio_at("mvn", "kernel", 1_000)),
+    Target("2M params in 10,000 tensors: MVN-Grad / AdamW(fused=True)", "torch", "cpu", 0.1,
+           True, _ratio_at("mvn", "kernel", 10_000)),
+    Target("MVN-Grad's first step, empty kernel cache (s)", "torch", "cpu", 3.0, True,
+           _first_step("cold"), "s"),
+    Target("MVN-Grad's first step, warm kernel cache (s)", "torch", "cpu", 0.2, True,
+           _first_step("warm"), "s"),
+    Target("mvn_grad / optax.adam, both jitted", "jax", "cpu", 1.0, True, _ratio("mvn", "jit")),
+    Target("2M params in 1,000 tensors: mvn_grad / optax.adam", "jax", "cpu", 1.0, True,
+           _ratio_at("mvn", "jit", 1_000)),
+    Target("least share of the copy bandwidth of a per-coordinate rule", "numpy", "cpu", 0.8,
+           False, _least_share("arrays"), "share"),
+    Target("MVN-Grad's share of the copy bandwidth (default path)", "torch", "gpu", 0.85, False,
+           _share("mvn", "kernel"), "share"),
+    Target("mvn_grad's share of the copy bandwidth, jitted", "jax", "gpu", 0.85, False,
+           _share("mvn", "jit"), "share"),
+    Target("MVN-Grad's share of the copy bandwidth (fused=True)", "cupy", "gpu", 0.85, False,
+           _share("mvn", "arrays"), "share"),
 )
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """Each target whose rows were measured, per device: its value and whether it is met."""
+def targets(report: dict) -> list[dict]:
+    """Each target whose figures were measured, per device: its value and whether it
+    is met."""
     out = []
     for t in TARGETS:
-        devices = sorted({r["device"] for r in rows if r["backend"] == t.backend
-                          and t.kind in (None, r["kind"])})
+        def of(entries, device):
+            return [e for e in entries if e["backend"] == t.backend and e["device"] == device]
+
+        devices = sorted({r["device"] for r in report["rows"] + report["scaling"]
+                          if r["backend"] == t.backend and r["kind"] == t.kind})
+        entry = {"target": f"{t.kind.upper()}, {_library(t.backend)}: {t.text}",
+                 "limit": t.limit, "comparison": "<=" if t.at_most else ">=", "unit": t.unit}
+        found = False
         for device in devices:
-            value = t.value([r for r in rows if r["backend"] == t.backend
-                             and r["device"] == device])
-            if value is None:
-                continue
-            met = value <= t.limit if t.at_most else value >= t.limit
-            out.append({"target": t.text, "device": device, "value": value,
-                        "limit": t.limit, "comparison": "<=" if t.at_most else ">=", "met": met})
+            figures = Figures(of(report["rows"], device), of(report["scaling"], device),
+                              of(report.get("first_steps", []), device))
+            value = t.value(figures)
+            if value is not None:
+                met = value <= t.limit if t.at_most else value >= t.limit
+                out.append(dict(entry, device=device, value=value, met=met))
+                found = True
+        if not found:  # not measured in this run (e.g. no GPU, or not selected)
+            out.append(dict(entry, device=None, value=None, met=None))
     return out
+
+
+def _library(backend: str) -> str:
+    return {"torch": "PyTorch", "jax": "JAX", "numpy": "NumPy", "cupy": "CuPy"}[backend]
 
 
 # --- the report -------------------------------------------------------------------------
@@ -207,8 +261,11 @@ def _maybe(value, form: str, scale: float = 1.0) -> str:
 
 
 def _target_line(t: dict) -> str:
-    """A ratio as a number, a share of the copy bandwidth in percent."""
-    form = "{:.2f}" if t["comparison"] == "<=" else "{:.0%}"
+    """A ratio or seconds as a number, a share of the copy bandwidth in percent."""
+    form = "{:.0%}" if t["unit"] == "share" else "{:.2f}"
+    if t["value"] is None:
+        return (f"  {t['target']}: not measured in this run (target {t['comparison']} "
+                f"{form.format(t['limit'])})")
     return (f"  {t['target']} [{t['device']}]: {form.format(t['value'])} (target "
             f"{t['comparison']} {form.format(t['limit'])}): {'met' if t['met'] else 'NOT met'}")
 

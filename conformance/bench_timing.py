@@ -295,7 +295,8 @@ class BackendBench(NamedTuple):
     (its GPU where it has one), ``"cpu"``, ``"gpu"``; ``unavailable_reason(kind)`` is
     None where it can run there; ``workload(n, k, kind)`` makes the parameters;
     ``cases()`` lists ours and the peers' (peers whose modules are missing included:
-    they are reported as skipped).
+    they are reported as skipped); ``first_steps(workload)``, where given, times our
+    default path's first step with an empty kernel cache and with a warm one.
     """
 
     name: str
@@ -303,3 +304,4 @@ class BackendBench(NamedTuple):
     unavailable_reason: Callable[[str], str | None]
     workload: Callable[[int, int, str], Workload]
     cases: Callable[[], list]
+    first_steps: Callable[[Workload], dict] | None = None

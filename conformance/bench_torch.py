@@ -1,5 +1,6 @@
 """PyTorch in ``mvn-core bench``: our optimizers (:mod:`mvn_core.adapters.torch`) on
-their three paths, and the peers configured with the same hyperparameters:
+their three paths (the generated kernel, the default; torch's multi-tensor kernels;
+the pure rule), and the peers configured with the same hyperparameters:
 ``torch.optim`` Adam, AdamW (foreach and fused; fused AdamW is the baseline) and SGD,
 timm's LaProp, AdaBelief (foreach) and NvNovoGrad, and ``adabelief_pytorch.AdaBelief``
 (both loop over the tensors in Python: path ``loop``)."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import time
 
 import mvn_core
 from mvn_core import backends
@@ -19,7 +21,7 @@ from .targets import device_name
 
 NAME = "torch"
 # Our paths, by the options that select them (see mvn_core.adapters._torch_paths).
-PATHS = {"fused": {"fused": True}, "multi_tensor": {}, "reference": {"foreach": False}}
+PATHS = {"kernel": {}, "multi_tensor": {"foreach": True}, "reference": {"foreach": False}}
 
 
 def _torch():
@@ -174,7 +176,7 @@ def _torch_optim_case(rule_name, class_name, path, baseline=False) -> Case:
 
 def cases() -> list[Case]:
     ours = [Case(NAME, rule.name, OURS, path, functools.partial(_ours, rule.name, options),
-                 slow=path == "reference", compiled=path == "fused")
+                 slow=path == "reference", compiled=path == "kernel")
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"
             for path, options in PATHS.items()]
     return [
@@ -192,4 +194,29 @@ def cases() -> list[Case]:
     ]
 
 
-BENCH = BackendBench(NAME, device_kind, unavailable_reason, workload, cases)
+def first_steps(work: Workload) -> dict:
+    """Seconds of MVN-Grad's first default step (state made, kernel built), from an
+    empty kernel cache (it compiles) and from a warm one (a new process's start: it
+    loads the compiled kernel), each on a fresh optimizer."""
+    import tempfile
+
+    from mvn_core.adapters import _cpu_kernel, torch as adapters
+
+    seconds = {}
+    with tempfile.TemporaryDirectory() as folder, _cpu_kernel.cache_dir_set_to(folder):
+        for cache in ("cold", "warm"):
+            _cpu_kernel.forget_compiled()  # as a new process starts
+            params = [p.detach().clone().requires_grad_() for p in work.params]
+            for p, g in zip(params, work.grads):
+                p.grad = g
+            opt = adapters.MVNGrad(params, lr=1e-3)
+            started = time.perf_counter()
+            opt.step()
+            backends.get(NAME).synchronize()
+            seconds[f"{cache}_s"] = time.perf_counter() - started
+            del opt, params
+    _cpu_kernel.forget_compiled()  # the benchmark's other rows use the usual cache
+    return seconds
+
+
+BENCH = BackendBench(NAME, device_kind, unavailable_reason, workload, cases, first_steps)

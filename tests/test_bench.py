@@ -61,28 +61,41 @@ def test_bandwidth_and_ratios_on_hand_made_timings():
     assert alone.ratio_to_baseline is None and alone.fraction_of_copy is None
 
 
-def _fake_row(backend, kind, implementation, path, ms, ratio=None, fraction=None):
-    return {"backend": backend, "device": "dev0", "kind": kind, "rule": "mvn" if implementation == OURS else "adam",
+def _fake_row(backend, kind, implementation, path, ms, ratio=None, fraction=None, rule=None,
+              **extra):
+    return {"backend": backend, "device": "dev0", "kind": kind,
+            "rule": rule or ("mvn" if implementation == OURS else "adam"),
             "implementation": implementation, "path": path, "ms_per_step": ms,
-            "ratio_to_baseline": ratio, "fraction_of_copy": fraction}
+            "ratio_to_baseline": ratio, "fraction_of_copy": fraction, **extra}
 
 
-def test_targets_are_computed_from_the_rows():
+def test_targets_are_computed_from_the_figures():
     rows = [_fake_row("torch", "cpu", "torch.optim.AdamW", "fused", 8.0, 1.0),
-            _fake_row("torch", "cpu", "torch.optim.AdamW", "foreach", 20.0, 2.5),
-            _fake_row("torch", "cpu", OURS, "fused", 11.0, 11 / 8),
+            _fake_row("torch", "cpu", OURS, "kernel", 11.0, 11 / 8),
+            _fake_row("torch", "cpu", OURS, "kernel", 12.0, 1.5, rule="maxva"),
             _fake_row("torch", "cpu", OURS, "multi_tensor", 45.0, 45 / 8),
             _fake_row("jax", "gpu", "optax.adam", "jit", 1.0, 1.0, 0.9),
             _fake_row("jax", "gpu", OURS, "jit", 1.3, 1.3, 0.65)]
-    found = {t["target"]: t for t in bench_report.targets(rows)}
-    fastest = found["torch CPU: MVN-Grad's fastest path / AdamW fused"]
-    assert fastest["value"] == pytest.approx(11 / 8) and fastest["met"]
-    default = found["torch CPU: MVN-Grad multi_tensor (default) / AdamW foreach"]
-    assert default["value"] == pytest.approx(45 / 20) and not default["met"]
-    assert found["JAX: mvn_grad / optax.adam, both jitted"]["value"] == pytest.approx(1.3)
-    share = found["JAX GPU: mvn_grad jitted, share of copy bandwidth at 36 B/param"]
+    scaling = [_fake_row("torch", "cpu", OURS, "kernel", 2.0, 0.3, sweep="k", k=1000),
+               _fake_row("torch", "cpu", OURS, "kernel", 9.0, 0.12, sweep="k", k=10000)]
+    first = [{"backend": "torch", "device": "dev0", "cold_s": 1.5, "warm_s": 0.3}]
+    found = {t["target"]: t for t in bench_report.targets(
+        {"rows": rows, "scaling": scaling, "first_steps": first})}
+    default = found["CPU, PyTorch: MVN-Grad's default step / AdamW(fused=True)"]
+    assert default["value"] == pytest.approx(11 / 8) and not default["met"]
+    assert found["CPU, PyTorch: MaxVA's default step / AdamW(fused=True)"]["met"]
+    at_1000 = found["CPU, PyTorch: 2M params in 1,000 tensors: MVN-Grad / AdamW(fused=True)"]
+    assert at_1000["value"] == pytest.approx(0.3) and at_1000["met"]
+    assert not found["CPU, PyTorch: 2M params in 10,000 tensors: MVN-Grad / AdamW(fused=True)"][
+        "met"]
+    assert found["CPU, PyTorch: MVN-Grad's first step, empty kernel cache (s)"]["met"]
+    assert not found["CPU, PyTorch: MVN-Grad's first step, warm kernel cache (s)"]["met"]
+    share = found["GPU, JAX: mvn_grad's share of the copy bandwidth, jitted"]
     assert share["value"] == pytest.approx(0.65) and not share["met"]
-    assert not any(t["target"].startswith(("torch GPU", "CuPy")) for t in found.values())
+    unmeasured = found["GPU, CuPy: MVN-Grad's share of the copy bandwidth (fused=True)"]
+    assert unmeasured["value"] is None and unmeasured["met"] is None
+    lines = [bench_report._target_line(t) for t in found.values()]
+    assert any("not measured" in line for line in lines)
 
 
 def test_counts_on_the_command_line():
@@ -114,7 +127,7 @@ def test_the_command_reports_every_backend_as_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["schema"] == bench.SCHEMA
     assert set(report) == {"schema", "config", "environment", "copy", "rows", "scaling",
-                           "skipped", "targets"}
+                           "first_steps", "skipped", "targets"}
     assert report["config"]["n"] == 3000 and report["config"]["repeat"] == 3
     assert report["environment"]["cpus"] >= 1 and "torch" in report["environment"]["libraries"]
     assert {r["backend"] for r in report["rows"]} == {"torch", "jax", "numpy"}
@@ -278,7 +291,7 @@ def test_gpu_rows(capsys):
     assert rows and all(r["kind"] == "gpu" and r["error"] is None for r in rows)
     torch_rows = [r for r in rows if r["backend"] == "torch"]
     assert {r["path"] for r in torch_rows if r["implementation"] == OURS} == {
-        "reference", "multi_tensor", "fused"}
+        "reference", "multi_tensor", "kernel"}
     assert all(r["memory_source"].startswith("torch.cuda") and r["peak_bytes"] > 0
                for r in torch_rows)
     assert [t for t in report["targets"] if t["target"].startswith("torch GPU")]
@@ -288,3 +301,14 @@ def test_the_distributed_benchmark_has_its_own_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench-distributed", "--help"])
     assert exit_.value.code == 0 and "FSDP2" in capsys.readouterr().out
+
+
+def test_the_default_paths_first_step_is_timed_cold_and_warm():
+    pytest.importorskip("torch")
+    report = bench.run_bench(bench.Config(rules=("mvn",), backends=("torch",), paths=("kernel",),
+                                          device="cpu", n=3000, k=5, warmup=2, repeat=3),
+                             progress=lambda line: None)
+    (first,) = report["first_steps"]
+    assert first["cold_s"] > 0 and first["warm_s"] > 0 and (first["n"], first["k"]) == (3000, 5)
+    measured = {t["target"] for t in report["targets"] if t["value"] is not None}
+    assert "CPU, PyTorch: MVN-Grad's first step, empty kernel cache (s)" in measured
