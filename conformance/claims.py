@@ -1,4 +1,4 @@
-"""The three numerical claims of the MVN-Grad paper (ALGORITHMS.md section 1), reproduced.
+"""The three numerical claims of the MVN-Grad paper (docs/algorithms.md, "MVN-Grad"), reproduced.
 
 Every number comes from the rules' own update functions, driven with crafted states
 and gradients; nothing here re-derives a rule.  The rules are elementwise, so one call
@@ -71,7 +71,7 @@ def variance_ratio(b2, noise="gaussian", setting=VarianceSetting(), seed=0) -> f
     """Var(MVN-Grad's direction) / Var(AdaBelief's direction) over one step's noise.
 
     Both start from ``m = mu`` and ``v = s = sigma^2`` (MVN-Grad's ``u = 0``: it only
-    shifts the direction), so both compute the same ``v_t`` (ALGORITHMS.md: MVN-Grad's
+    shifts the direction), so both compute the same ``v_t`` (docs/algorithms.md: MVN-Grad's
     ``v`` is AdaBelief's ``s``); they differ only in where the momentum sits.
     """
     s = setting

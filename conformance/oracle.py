@@ -1,4 +1,4 @@
-"""A float64 reference for every rule, written from ALGORITHMS.md alone.
+"""A float64 reference for every rule, written from docs/algorithms.md alone.
 
 It shares no code with ``mvn_core`` (it does not import it) and is written in a
 different style on purpose: plain NumPy float64, one explicit function per rule, the
@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-# The defaults of ALGORITHMS.md, restated here so that a test can compare them with the
+# The defaults of docs/algorithms.md, restated here so that a test can compare them with the
 # core's signatures.  (SGD's are not in the document: they are torch.optim.SGD's.)
 DEFAULTS = {
     "mvn": dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_s=1e-16, weight_decay=0.0,
@@ -140,7 +140,7 @@ _BUFFERS = {"mvn": "muv", "adam": "mv", "laprop": "mv", "adabelief": "ms", "maxv
 
 
 def gan(grads, center="tensor", scale="global_std"):
-    """ALGORITHMS.md section 2 on one step's list of gradients (float64)."""
+    """docs/algorithms.md, "GAN" on one step's list of gradients (float64)."""
     return gan_with_scale(grads, center, scale)[0]
 
 

@@ -1,7 +1,7 @@
 """Cross-checks of the rules against independent implementations of the same mathematics.
 
 Each :class:`PeerCheck` runs a rule of the core (the pure functions, on NumPy) and a
-peer (``torch.optim``, optax, timm, ``adabelief-pytorch``), configured as ALGORITHMS.md
+peer (``torch.optim``, optax, timm, ``adabelief-pytorch``), configured as docs/algorithms.md
 lists, on the same :mod:`.problems` problem, and compares the parameters after every
 step (or, for the relations of MVN-Grad, a state buffer).  A peer's library is imported
 only when its check runs, never when this module is imported.

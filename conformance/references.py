@@ -69,7 +69,7 @@ def oracle_reference(case: Case, problem: Problem) -> Reference:
 
 
 def full_hyperparameters(case: Case) -> dict:
-    """The case's hyperparameters with the defaults of ALGORITHMS.md filled in."""
+    """The case's hyperparameters with the defaults of docs/algorithms.md filled in."""
     return dict(oracle.DEFAULTS[case.rule], **case.hyper)
 
 

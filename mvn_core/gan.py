@@ -1,7 +1,7 @@
 """Gradient Autoscaled Normalization: a gradient transform placed in front of a rule.
 
 Yun, arXiv 2509.03677 (2025).  The paper's exact formula for the autoscale was not
-reachable; this is the project's reading (ALGORITHMS.md section 2): zero-centre each
+reachable; this is the project's reading (docs/algorithms.md, "GAN"): zero-centre each
 eligible tensor, then scale all of them by one factor derived from their *global*
 standard deviation, so that no single low-variance tensor is amplified on its own.
 The scale is a pluggable strategy so that the paper's rule can be dropped in.

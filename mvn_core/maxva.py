@@ -39,7 +39,7 @@ def _direction(xp, g, p, buffers, c):
 def _new_weight(xp, g, u, v, w, c):
     """``1 - beta_t`` per coordinate, for the beta_t that maximizes the estimated variance.
 
-    The same quantity as ALGORITHMS.md's, arranged for rounding: ``1 - beta`` is formed
+    The same quantity as docs/algorithms.md's, arranged for rounding: ``1 - beta`` is formed
     directly, as ``(w (d2 - var) + 1e-16) / den``, because forming beta and subtracting
     it from one would lose the digits that matter near b2_max (1e-5 relative in float32
     at 0.999); ``den`` is written as a sum of non-negative terms, so it cannot cancel to

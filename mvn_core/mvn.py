@@ -2,7 +2,7 @@
 
 Patitucci & Mokhtari, arXiv 2602.10204 (2026).  The equations follow a third-party
 rendering of the paper's Algorithm 1 (the paper's own text was not reachable); see
-ALGORITHMS.md section 1.
+docs/algorithms.md, "MVN-Grad".
 """
 
 from __future__ import annotations

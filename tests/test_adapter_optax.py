@@ -538,7 +538,7 @@ def _optax_bias_correction(rule, t, b1=0.9, b2=0.999):
 
 
 def test_mvn_variance_is_optax_belief_second_moment():
-    """ALGORITHMS.md: MVN-Grad's ``v`` is ``scale_by_belief(b1, b2, eps=0, eps_root=eps_s)``'s."""
+    """docs/algorithms.md: MVN-Grad's ``v`` is ``scale_by_belief(b1, b2, eps=0, eps_root=eps_s)``'s."""
     problem = _problem(5)
     ours, belief = adapter.scale_by_mvn(), optax.scale_by_belief(0.9, 0.999, eps=0.0, eps_root=1e-16)
     params = _tree(problem.params)

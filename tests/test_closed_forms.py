@@ -1,4 +1,4 @@
-"""Closed forms and exact relations of ALGORITHMS.md, on every backend."""
+"""Closed forms and exact relations of docs/algorithms.md, on every backend."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def test_callable_scale_keeps_its_extra_state():
 
 
 def test_gan_then_sgd_momentum_matches_oracle(target):
-    """The composition of ALGORITHMS.md section 2: GAN in front of SGD with momentum."""
+    """The composition of docs/algorithms.md, "GAN": GAN in front of SGD with momentum."""
     lib, convert = _convert(target, "float32" if "float64" not in target.dtypes() else "float64")
     problem = make_problem(40, seed=13)
     params = convert(problem.params)

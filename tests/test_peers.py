@@ -85,7 +85,7 @@ def test_mvn_variance_needs_eps_root_equal_to_eps_s():
 
 def test_crafted_mean_makes_mvn_exactly_laprop():
     """With b1 = 0.5 the crafted mean ``m = -g`` gives ``m_t = 0`` exactly, and MVN-Grad's
-    steps are bit for bit LaProp's (eps_s = 0, same eps): the reduction of ALGORITHMS.md."""
+    steps are bit for bit LaProp's (eps_s = 0, same eps): the reduction of docs/algorithms.md."""
     problem = make_problem(40, seed=11)
     hyper = dict(lr=1e-2, b1=0.5, b2=0.99, eps=1e-12)
     for dtype in ("float64", "float32"):

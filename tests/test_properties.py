@@ -243,7 +243,7 @@ def test_power_of_two_scale_equivariance(dtype):
 # --- the first step in closed form --------------------------------------------------------
 
 def _first_direction(rule, g, h):
-    """Step 1's direction (``update = -lr * direction``) from ALGORITHMS.md, in float64."""
+    """Step 1's direction (``update = -lr * direction``) from docs/algorithms.md, in float64."""
     a = np.abs(g)
     if rule in ("adam", "laprop", "maxva"):  # m/(1-b1) = g, sqrt(v/(1-b2)) = |g|
         return g / (a + h["eps"])

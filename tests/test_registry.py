@@ -1,4 +1,4 @@
-"""The registry: every rule, its functions, and ALGORITHMS.md's defaults."""
+"""The registry: every rule, its functions, and docs/algorithms.md's defaults."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_every_rule_is_registered_with_its_public_functions():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_defaults_are_those_of_algorithms_md(name):
-    # oracle.DEFAULTS is restated from ALGORITHMS.md independently of the core
+    # oracle.DEFAULTS is restated from docs/algorithms.md independently of the core
     assert dict(mvn_core.rules[name].defaults) == oracle.DEFAULTS[name]
 
 
