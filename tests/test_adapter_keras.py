@@ -44,8 +44,10 @@ def reports():
     running = {}
     for backend in LIBRARIES:
         if _missing(backend) is None:
+            # three processes share the machine: one thread each (the tensors are small)
             env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu",
-                       CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+                       CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1",
+                       TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
             running[backend] = subprocess.Popen([sys.executable, str(WORKER)], env=env,
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                 text=True)
