@@ -1,11 +1,12 @@
-"""What the adapters share: reading the ``gan=`` option of an optimizer."""
+"""What the adapters share: reading the ``gan=`` option of an optimizer, and checking
+hyperparameters with the learning rate under the framework's name for it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from mvn_core import rules
+from mvn_core import Rule, rules
 
 GAN = rules["gan"]
 
@@ -22,3 +23,17 @@ def gan_options(option: Any) -> dict | None:
                         f"({', '.join(GAN.defaults)}), got a {type(option).__name__}")
     GAN.check_hyperparameters(**option)
     return {**GAN.defaults, **option}
+
+
+def check_with_learning_rate(rule: Rule, hyper: Mapping, learning_rate: Any = None) -> None:
+    """The rule's check of ``hyper`` and of ``learning_rate`` (unless None or a schedule,
+    i.e. callable), refused in the name ``learning_rate`` that Keras and optax give it
+    (the core's name for it is ``lr``)."""
+    rate = {} if learning_rate is None or callable(learning_rate) else {"lr": learning_rate}
+    try:
+        rule.check_hyperparameters(**rate, **hyper)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if not message.startswith("lr"):
+            raise
+        raise type(error)("learning_rate" + message[len("lr"):]) from None

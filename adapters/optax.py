@@ -30,6 +30,8 @@ import optax
 
 import mvn_core
 
+from ._common import check_with_learning_rate
+
 __all__ = [
     "mvn_grad", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd", "gan",
     "scale_by_mvn", "scale_by_maxva", "scale_by_novograd", "scale_by_adam",
@@ -149,15 +151,7 @@ def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None
     Arrays (``optax.inject_hyperparams`` passes them, possibly traced) are checked for
     shape and dtype only, never read; a schedule is not checked.
     """
-    rate = {} if learning_rate is None or callable(learning_rate) else {"lr": learning_rate}
-    try:
-        rule.check_hyperparameters(**rate, **hyper)
-    except (TypeError, ValueError) as error:
-        message = str(error)
-        if not message.startswith("lr"):
-            raise
-        # the core's name for it is ``lr``; here the caller wrote ``learning_rate``
-        raise type(error)("learning_rate" + message[len("lr"):]) from None
+    check_with_learning_rate(rule, hyper, learning_rate)
 
 
 def _signature(defaults: dict[str, Any], default_rate: Any = None) -> inspect.Signature:

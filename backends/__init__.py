@@ -21,16 +21,22 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# The libraries with a namespace of the whole standard: the conformance matrix, the demo
+# and the tests run every one of them that is installed.
 NAMES = ("numpy", "array_api_strict", "torch", "jax", "cupy")
+# Libraries whose namespace here implements only what the rules use (TensorFlow's, see
+# :mod:`.tensorflow_namespace`): :func:`get` knows them, ``mvn-core check --namespace``
+# checks them, the matrix leaves them out.
+PARTIAL = ("tensorflow",)
 
 
 def get(name):
-    """The backend module called ``name`` (one of :data:`NAMES`); a backend object
-    (such as :func:`.generic.from_module` returns) is returned as it is."""
+    """The backend module called ``name`` (one of :data:`NAMES` or :data:`PARTIAL`); a
+    backend object (such as :func:`.generic.from_module` returns) is returned as it is."""
     if not isinstance(name, str):
         return name
-    if name not in NAMES:
-        raise ValueError(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
+    if name not in NAMES + PARTIAL:
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(NAMES + PARTIAL)}")
     return importlib.import_module(f"{__name__}.{name}")
 
 

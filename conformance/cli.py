@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backends", default=None,
                       help="comma-separated backends to run (default: all installed; "
-                           "numpy always runs, as the reference)")
+                           "numpy always runs, as the reference; jax, torch and tensorflow "
+                           "also run MVN-Grad through Keras, where Keras is installed)")
     demo.add_argument("--plot", default="mvn-core-demo.png",
                       help="where to write the PNG of loss curves ('' for none)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -73,9 +74,10 @@ def main(argv=None) -> int:
         from .demo import run_demo
 
         selected = set(args.backends.split(",")) if args.backends else None
-        unknown = sorted((selected or set()) - set(backends.NAMES))
+        known = backends.NAMES + backends.PARTIAL
+        unknown = sorted((selected or set()) - set(known))
         if unknown:
-            parser.error(f"unknown backends {unknown}; known: {', '.join(backends.NAMES)}")
+            parser.error(f"unknown backends {unknown}; known: {', '.join(known)}")
         run_demo(steps=args.steps, lr=args.lr, batch_size=args.batch_size, hidden=args.hidden,
                  seed=args.seed, selected=selected, plot_path=args.plot,
                  show_progress=not args.no_progress)

@@ -8,6 +8,8 @@ how far each one ends from the NumPy float64 run.
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
 
 import numpy as np
@@ -15,7 +17,7 @@ import numpy as np
 import mvn_core
 from mvn_core import backends
 
-from . import mlp
+from . import demo_keras, mlp
 from .demo_frameworks import JAX_PATH, TORCH_PATH, train_jax_model, train_torch_module
 from .training import Run, load_digits_data, train
 
@@ -29,9 +31,10 @@ RULES = ("mvn", "adam")
 def plan_runs(selected=None) -> list[Run]:
     """NumPy float64 first (the reference), then every installed backend (or those
     ``selected``) on each of its devices, in float64 where it has it and float32."""
-    unknown = set(selected or ()) - set(backends.NAMES)
+    known = backends.NAMES + backends.PARTIAL  # TensorFlow: through Keras only
+    unknown = set(selected or ()) - set(known)
     if unknown:
-        raise ValueError(f"unknown backends {sorted(unknown)}; known: {', '.join(backends.NAMES)}")
+        raise ValueError(f"unknown backends {sorted(unknown)}; known: {', '.join(known)}")
     runs = []
     for name in backends.available():
         if selected and name not in selected and name != "numpy":
@@ -67,18 +70,30 @@ def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None
     _enable_jax_x64()
     runs = plan_runs(selected)
     jobs = plan_jobs(runs)
+    keras_backends = demo_keras.available(selected)
     echo(f"digits: {len(data.x_train)} train / {len(data.x_test)} test images, MLP "
          f"64-{hidden}-10 (tanh), {steps} steps of {batch_size}, lr={lr}")
-    echo(f"backends: {', '.join(sorted({r.backend for r in runs}))}; {len(jobs)} runs: rules "
-         f"{', '.join(RULES)} through the pure functions, MVN-Grad through the adapters")
+    echo(f"backends: {', '.join(sorted({r.backend for r in runs}))}; "
+         f"{len(jobs) + len(keras_backends)} runs: rules {', '.join(RULES)} through the pure "
+         "functions, MVN-Grad through the adapters"
+         + (f" (Keras on {', '.join(keras_backends)})" if keras_backends else ""))
     results = []
-    for rule, run, trainer, path in jobs:
-        label = f"{rule} {run.label}{f' [{path}]' if path else ''}"
-        started = time.perf_counter()
-        with _progress(label, steps, show_progress) as tick:
-            results.append(trainer(rule, run, data, init, batches, lr, tick))
-        echo(f"[{len(results)}/{len(jobs)}] {label}: final batch loss "
-             f"{results[-1].losses[-1]:.4f} ({time.perf_counter() - started:.1f} s)")
+    with tempfile.TemporaryDirectory() as folder:
+        # Keras starts in processes of its own (one per backend), while the others train
+        keras_runs = {b: demo_keras.start(b, folder, data, init, batches, lr)
+                      for b in keras_backends}
+        for rule, run, trainer, path in jobs:
+            label = f"{rule} {run.label}{f' [{path}]' if path else ''}"
+            started = time.perf_counter()
+            with _progress(label, steps, show_progress) as tick:
+                results.append(trainer(rule, run, data, init, batches, lr, tick))
+            _done(echo, results, len(jobs) + len(keras_runs), label, started)
+        for backend, process in keras_runs.items():
+            run = _keras_run(backend, runs)
+            started = time.perf_counter()
+            results.append(demo_keras.finish(process, backend, folder, run))
+            _done(echo, results, len(jobs) + len(keras_runs),
+                  f"mvn {run.label} [{demo_keras.PATH}]", started)
     _compare(results)
     for line in report_lines(results):
         echo(line)
@@ -86,6 +101,21 @@ def run_demo(steps=400, lr=3e-3, batch_size=64, hidden=32, seed=0, selected=None
         plot(results, plot_path)
         echo(f"loss curves written to {plot_path}")
     return results
+
+
+def _done(echo, results, total, label, started):
+    echo(f"[{len(results)}/{total}] {label}: final batch loss {results[-1].losses[-1]:.4f} "
+         f"({time.perf_counter() - started:.1f} s)")
+
+
+def _keras_run(backend, runs):
+    """The run a Keras run on ``backend`` matches: that library's float32 pure run (on
+    its first device, jitted for JAX as Keras jits), or a run of its own (TensorFlow,
+    which has no pure run here: its namespace holds only what the rules use)."""
+    for run in runs:
+        if run.backend == backend and run.dtype == "float32":
+            return run
+    return Run(backend, "float32", "CPU:0")
 
 
 def plan_jobs(runs):
@@ -129,7 +159,7 @@ def _compare(results):
     pure = {(r.rule, r.run): r for r in results if not r.path}
     for r in results:
         r.max_diff = _largest_difference(r, pure[(r.rule, NUMPY_FLOAT64)])
-        if r.path:
+        if r.path and (r.rule, r.run) in pure:
             r.diff_from_pure = _largest_difference(r, pure[(r.rule, r.run)])
 
 
@@ -144,11 +174,19 @@ def report_lines(results):
             f"{'pure run':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
-        pure = f"{r.diff_from_pure:>9.2e}" if r.path else f"{'':>9}"
         lines.append(
             f"{r.rule:<5} {r.label:<{width}} {r.train[0]:>10.4f} {r.train[1]:>9.3f} "
-            f"{r.test[0]:>9.4f} {r.test[1]:>8.3f} {r.ms_per_step:>8.3f} {r.max_diff:>33.2e} {pure}")
+            f"{r.test[0]:>9.4f} {r.test[1]:>8.3f} {r.ms_per_step:>8.3f} {r.max_diff:>33.2e} "
+            f"{_from_pure(r):>9}")
     return lines
+
+
+def _from_pure(result):
+    """The "pure run" column: blank for a pure run, "-" for an adapter run without a
+    pure run of its library (Keras on TensorFlow)."""
+    if not result.path:
+        return ""
+    return "-" if math.isnan(result.diff_from_pure) else f"{result.diff_from_pure:.2e}"
 
 
 def plot(results, path):

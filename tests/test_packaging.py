@@ -13,7 +13,8 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("numpy", "torch", "jax", "jaxlib", "cupy", "optax", "array_api_strict")
+FRAMEWORKS = ("numpy", "torch", "jax", "jaxlib", "cupy", "optax", "array_api_strict", "tensorflow",
+              "keras")
 PACKAGES = ("mvn_core", "mvn_core.backends", "mvn_core.adapters", "mvn_core.conformance")
 
 
