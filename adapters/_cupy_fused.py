@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from mvn_core._rule import next_count
+
 from . import _elementwise
 
 CUPY_TYPES = {"float": "float32", "double": "float64", "bool": "bool"}
@@ -30,7 +32,7 @@ def step(rule, state, params, grads, hyper):
     _check_dtypes(params, grads, state[1:])
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
-    new_count = state.count + 1
+    new_count = next_count(xp, state.count)
     columns = state[1:]
     scalars = {}
     for i, (p, g) in enumerate(zip(params, grads)):

@@ -30,6 +30,7 @@ from typing import Any
 import array_api_compat.torch as xp
 import torch
 
+from mvn_core._rule import next_count
 from mvn_core.registry import Rule
 
 from ._torch_lists import TensorList
@@ -54,7 +55,7 @@ def multi_tensor(rule: Rule, params, grads, columns, count, hyper, statistics=No
     tensor_rule = rule.tensor_rule
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
-    new_count = count + 1
+    new_count = next_count(xp, count)
     device = params[0].device if params else None
     hyper = {k: _on(v, device) for k, v in hyper.items()}
     given = [] if statistics is None else [statistics]
@@ -76,7 +77,7 @@ def fused(rule: Rule, params, grads, columns, count, hyper):
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
     flags = tuple(sorted((k, v) for k, v in hyper.items() if isinstance(v, bool)))
-    new_count = count + 1
+    new_count = next_count(xp, count)
     odd = [i for i in range(len(params)) if not _compilable(params[i], grads[i], columns, i)]
     for members, dtype, dtypes in _same_dtypes(params, grads, columns, set(odd), tensor_rule):
         device = params[members[0]].device
