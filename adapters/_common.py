@@ -1,4 +1,5 @@
-"""What the adapters share: reading the ``gan=`` option of an optimizer."""
+"""What the adapters share: reading the ``gan=`` option of an optimizer, and telling an
+array that cannot be updated in place because its elements share memory."""
 
 from __future__ import annotations
 
@@ -22,3 +23,24 @@ def gan_options(option: Any) -> dict | None:
                         f"({', '.join(GAN.defaults)}), got a {type(option).__name__}")
     GAN.check_hyperparameters(**option)
     return {**GAN.defaults, **option}
+
+
+def may_overlap_itself(shape: tuple, strides: tuple, itemsize: int = 1) -> bool:
+    """Whether two elements of an array of ``shape`` and ``strides`` may share memory
+    (a stride of 0 from broadcasting, or ``as_strided``), so that an in-place update
+    would write some of them twice.  ``strides`` and ``itemsize`` in one unit (bytes
+    for NumPy and CuPy, elements for PyTorch, whose ``itemsize`` is then 1).
+
+    Sufficient for no overlap, and what every ordinary layout (contiguous, transposed,
+    sliced) meets: with the axes of more than one element sorted by ``|stride|``, each
+    stride is larger than the span of the axes before it.  An exotic interleaved layout
+    that fails it without overlapping is refused too."""
+    if any(n == 0 for n in shape):
+        return False
+    span = itemsize
+    for n, stride in sorted(((n, abs(s)) for n, s in zip(shape, strides) if n > 1),
+                            key=lambda axis: axis[1]):
+        if stride < span:
+            return True
+        span = stride * (n - 1) + span
+    return False
