@@ -383,3 +383,31 @@ def test_float16_params_with_small_gradients_step_as_in_float64(name):
     error = np.max(np.abs(up_half[0].astype(np.float64) - reference))
     assert error <= 2e-3 * np.max(np.abs(reference))  # float16 rounding of the update (2**-11)
 
+
+# --- autograd ----------------------------------------------------------------------------
+
+def _readme_snippet(containing):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    found = [b.split("```")[0] for b in blocks if containing in b.split("```")[0]]
+    assert len(found) == 1, f"README has {len(found)} python blocks with {containing!r}"
+    return found[0]
+
+
+def test_the_documented_idiom_for_parameters_that_require_grad():
+    """The pure functions are differentiable (nothing stops autograd), so with params
+    that require grad and coupled weight decay the state carries every step's graph;
+    README's contract shows the ``torch.no_grad()`` idiom, which keeps it plain."""
+    torch = pytest.importorskip("torch")
+    namespace = {}
+    exec(_readme_snippet("torch.no_grad()"), namespace)
+    state = namespace["state"]
+    assert int(state.count) == 3
+    assert all(not a.requires_grad and a.grad_fn is None
+               for field in state[1:] for a in field)
+    params, grads = namespace["params"], [torch.ones_like(p) for p in namespace["params"]]
+    _, traced = mvn_core.mvn_update(state, grads, params, weight_decay=0.01,
+                                    coupled_weight_decay=True)  # without the idiom
+    assert traced.m[0].grad_fn is not None
