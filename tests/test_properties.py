@@ -181,18 +181,24 @@ def problems(draw, rules, dtype, state_dtype=None, kinds=KINDS):
 # g / sqrt(eps_s) when the residual variance vanishes (claim 3 of its paper), whatever
 # the gradients' size: a float16 state cannot hold it (use state_dtype="float32").
 HALF_STATE_RULES = [name for name in mvn_core.rules if name != "mvn"]
+# float16 params get float32 state by default; an explicit float16 state is checked too.
 CASES = [("numpy", "float64", None), ("numpy", "float32", None),
-         ("torch", "float16", "float32"), ("torch", "bfloat16", None), ("torch", "float16", None)]
+         ("torch", "float16", None), ("torch", "bfloat16", None), ("torch", "float16", "float16")]
+
+
+def _default_state_dtype(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
 
 
 @pytest.mark.parametrize("backend,dtype,state_dtype", CASES,
-                         ids=[f"{b}-{d}-state_{s or d}" for b, d, s in CASES])
+                         ids=[f"{b}-{d}-state_{s or _default_state_dtype(d)}" for b, d, s in CASES])
 def test_finite_inputs_never_give_nan_or_inf(backend, dtype, state_dtype):
     reason = backends.get(backend).unavailable_reason()
     if reason:
         pytest.skip(reason)
     lib = backends.get(backend)
-    rules = HALF_STATE_RULES if (state_dtype or dtype) == "float16" else list(mvn_core.rules)
+    state = state_dtype or _default_state_dtype(dtype)
+    rules = HALF_STATE_RULES if state == "float16" else list(mvn_core.rules)
 
     @settings(max_examples=150, **SETTINGS)
     @given(problems(rules, dtype, state_dtype))
@@ -252,8 +258,8 @@ def test_finite_inputs_never_give_nan_or_inf_over_the_whole_range(backend, dtype
         rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
         tensor_shapes = [data.draw(shapes) for _ in range(2)]
         # |g| + weight_decay |theta| within the limit: each within half of it
-        state_dtype = "float32" if dtype in ("float16", "bfloat16") else dtype  # the default
-        limits = [gradient_limit(dtype, math.prod(s), state_dtype) / 2 for s in tensor_shapes]
+        limits = [gradient_limit(dtype, math.prod(s), _default_state_dtype(dtype)) / 2
+                  for s in tensor_shapes]
         kinds = st.sampled_from(KINDS + ("spike", "constant", "flip"))
         per_tensor = [_gradient_steps(rng, data.draw(kinds), s, limit, 4)
                       for s, limit in zip(tensor_shapes, limits)]
