@@ -1,5 +1,6 @@
-"""What the adapters share: reading the ``gan=`` option of an optimizer, and checking
-hyperparameters with the learning rate under the framework's name for it."""
+"""What the adapters share: reading the ``gan=`` option of an optimizer, checking
+hyperparameters with the learning rate under the framework's name for it, and telling
+an array that cannot be updated in place because its elements share memory."""
 
 from __future__ import annotations
 
@@ -37,3 +38,24 @@ def check_with_learning_rate(rule: Rule, hyper: Mapping, learning_rate: Any = No
         if not message.startswith("lr"):
             raise
         raise type(error)("learning_rate" + message[len("lr"):]) from None
+
+
+def may_overlap_itself(shape: tuple, strides: tuple, itemsize: int = 1) -> bool:
+    """Whether two elements of an array of ``shape`` and ``strides`` may share memory
+    (a stride of 0 from broadcasting, or ``as_strided``), so that an in-place update
+    would write some of them twice.  ``strides`` and ``itemsize`` in one unit (bytes
+    for NumPy and CuPy, elements for PyTorch, whose ``itemsize`` is then 1).
+
+    Sufficient for no overlap, and what every ordinary layout (contiguous, transposed,
+    sliced) meets: with the axes of more than one element sorted by ``|stride|``, each
+    stride is larger than the span of the axes before it.  An exotic interleaved layout
+    that fails it without overlapping is refused too."""
+    if any(n == 0 for n in shape):
+        return False
+    span = itemsize
+    for n, stride in sorted(((n, abs(s)) for n, s in zip(shape, strides) if n > 1),
+                            key=lambda axis: axis[1]):
+        if stride < span:
+            return True
+        span = stride * (n - 1) + span
+    return False

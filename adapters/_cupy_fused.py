@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from mvn_core._rule import next_count
+
 from . import _c_source, _elementwise
 
 
@@ -25,7 +27,7 @@ def step(rule, state, params, grads, hyper):
     _check_dtypes(params, grads, state[1:])
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
-    new_count = state.count + 1
+    new_count = next_count(xp, state.count)
     columns = state[1:]
     scalars = {}
     for i, (p, g) in enumerate(zip(params, grads)):

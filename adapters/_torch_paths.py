@@ -27,6 +27,7 @@ from typing import Any
 import array_api_compat.torch as xp
 import torch
 
+from mvn_core._rule import next_count
 from mvn_core.registry import Rule
 
 from . import _cpu_kernel
@@ -50,7 +51,7 @@ def multi_tensor(rule: Rule, params, grads, columns, count, hyper, statistics=No
     tensor_rule = rule.tensor_rule
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
-    new_count = count + 1
+    new_count = next_count(xp, count)
     device = params[0].device if params else None
     hyper = {k: _on(v, device) for k, v in hyper.items()}
     given = [] if statistics is None else [statistics]
@@ -76,7 +77,7 @@ def kernel(rule: Rule, params, grads, columns, count, hyper, statistics=None, st
     tensor_rule = rule.tensor_rule
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
-    new_count = count + 1
+    new_count = next_count(xp, count)
     element, _ = _cpu_kernel.split_buffers(tensor_rule, columns)
 
     def takes(i):

@@ -23,14 +23,16 @@ from typing import Any, ClassVar, Mapping
 import array_api_compat
 import numpy as np
 
-from mvn_core import Rule, backends, rules
+from mvn_core import Rule, all_finite, backends, rules
+from mvn_core._rule import COUNT_MAX, next_count
 
-from ._common import gan_options
+from ._common import gan_options, may_overlap_itself
 
 # The libraries whose arrays can be written in place (``p += u``) and moved to the host.
 LIBRARIES = ("numpy", "cupy")
 GAN = rules["gan"]
 STATE_DICT_KEYS = ("rule", "hyperparameters", "state", "gan")
+OPTIONAL_STATE_DICT_KEYS = ("skipped_steps",)  # absent from older state dicts
 
 
 class ArrayOptimizer:
@@ -46,7 +48,7 @@ class ArrayOptimizer:
     Normalization in front of the rule: ``False``, ``True`` (its defaults) or a dict of
     its options (``{"center": "channel"}``); its options are in ``opt.gan`` (None when
     off).  ``state_dtype`` goes to the rule's ``init``, e.g. float64 state for float32
-    params.
+    params (by default the params' dtype; float32 for float16 params).
 
     ``fused`` chooses how a step runs.  ``None`` (the default): on NumPy arrays, one
     generated C kernel steps every array in one call (:mod:`._cpu_kernel`: compiled at
@@ -55,12 +57,19 @@ class ArrayOptimizer:
     pure rule.  ``True``: the generated kernel, on NumPy as above (an error where it
     cannot run) and on CuPy one traced elementwise kernel per array (per-coordinate
     rules).  ``False``: the pure rule, always.
+
+    ``skip_nonfinite=True`` (a public attribute, changeable between steps) skips every
+    step whose gradients hold a NaN or an Inf: params, state and GAN's state stay as
+    they were, and ``skipped_steps`` counts it.  Telling needs the gradients' values on
+    the host: with CuPy, one device synchronisation per step.  By default non-finite
+    gradients are computed as IEEE arithmetic does (see the rule's docstring).
     """
 
     rule: ClassVar[Rule | None] = None
 
     def __init__(self, params: Any, *, gan: bool | Mapping = False, state_dtype: Any = None,
-                 fused: bool | None = None, **hyperparameters: Any) -> None:
+                 fused: bool | None = None, skip_nonfinite: bool = False,
+                 **hyperparameters: Any) -> None:
         if self.rule is None:
             raise TypeError("ArrayOptimizer is generic: use a class made by optimizer_class(rule), "
                             "e.g. mvn_core.adapters.arrays.Adam")
@@ -74,6 +83,8 @@ class ArrayOptimizer:
         _check_writable(params)
         _check_disjoint(params)
         self._path = _path_of(fused, self.rule, self._library)
+        self.skip_nonfinite = _checked_flag("skip_nonfinite", skip_nonfinite)
+        self.skipped_steps = 0
         self.params = params
         self.hyperparameters = {**self.rule.defaults, **hyperparameters}
         self._gan = gan
@@ -113,9 +124,16 @@ class ArrayOptimizer:
         """
         _check_hyperparameters(self.rule, self.hyperparameters)
         _check_writable(self.params)
-        gan_state = self._gan_state
         if self._gan is not None:
             _check_hyperparameters(GAN, self._gan)
+        if _checked_flag("skip_nonfinite", self.skip_nonfinite) and not bool(all_finite(grads)):
+            # checked as a step would check them, then skipped
+            self.rule.tensor_rule.checked_call(self._state, grads, self.params,
+                                               self.hyperparameters)
+            self.skipped_steps += 1
+            return
+        gan_state = self._gan_state
+        if self._gan is not None:
             grads, gan_state = GAN.update(gan_state, grads, self.params, **self._gan)
         if self._path != "pure":
             state = self._kernel_step(grads)
@@ -155,6 +173,7 @@ class ArrayOptimizer:
             "state": self._to_host(self._state._asdict()),
             "gan": None if self._gan is None else {
                 "options": dict(self._gan), "state": self._to_host(self._gan_state._asdict())},
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state_dict: Mapping) -> None:
@@ -166,7 +185,11 @@ class ArrayOptimizer:
         ``ValueError``/``TypeError`` and changes nothing.  The arrays are copied to the
         params' library and device.
         """
-        _check_keys("state_dict", state_dict, STATE_DICT_KEYS)
+        _check_keys("state_dict", state_dict, STATE_DICT_KEYS, OPTIONAL_STATE_DICT_KEYS)
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"state_dict['skipped_steps'] is {skipped!r}: a count of steps "
+                             "(an int >= 0) is needed")
         if state_dict["rule"] != self.rule.name:
             raise ValueError(f"the state_dict was saved by a {state_dict['rule']!r} optimizer; "
                              f"this one is {self.rule.name!r}")
@@ -180,6 +203,7 @@ class ArrayOptimizer:
             self._gan.clear()
             self._gan.update(saved_gan)
         self._state, self._gan_state = state, gan_state
+        self.skipped_steps = skipped
 
     def _checked_gan(self, saved: Any) -> tuple:
         """GAN's options and state from a state_dict's ``"gan"`` entry (host arrays)."""
@@ -191,7 +215,7 @@ class ArrayOptimizer:
         _check_keys("state_dict['gan']", saved, ("options", "state"))
         options = _checked_saved_hyperparameters(GAN, saved["options"])
         _check_keys("GAN state", saved["state"], GAN.state_type._fields)
-        count = _checked_array("GAN state.count", saved["state"]["count"], self._gan_state.count)
+        count = _checked_count("GAN state.count", saved["state"]["count"], self._gan_state.count)
         extra = saved["state"]["extra"]
         if not isinstance(extra, tuple):
             raise TypeError(f"GAN state.extra is a {type(extra).__name__}, not a tuple")
@@ -243,7 +267,8 @@ def _signature(rule: Rule) -> inspect.Signature:
     P = inspect.Parameter
     fixed = [P("params", P.POSITIONAL_OR_KEYWORD), P("gan", P.KEYWORD_ONLY, default=False),
              P("state_dtype", P.KEYWORD_ONLY, default=None),
-             P("fused", P.KEYWORD_ONLY, default=None)]
+             P("fused", P.KEYWORD_ONLY, default=None),
+             P("skip_nonfinite", P.KEYWORD_ONLY, default=False)]
     hyper = [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.defaults.items()]
     return inspect.Signature(fixed + hyper)
 
@@ -260,6 +285,12 @@ def _checked_saved_hyperparameters(rule: Rule, saved: Any) -> dict:
                         "not a dict")
     _check_hyperparameters(rule, saved)
     return {**rule.defaults, **saved}
+
+
+def _checked_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _path_of(fused: Any, rule: Rule, library: str) -> str:
@@ -289,7 +320,7 @@ def _numpy_kernel_step(rule: Rule, state: Any, params: tuple, grads: list, hyper
     tensor_rule = rule.tensor_rule
     decays = tensor_rule.decays(hyper)
     columns = list(state[1:])
-    new_count = xp.asarray(state.count + 1)
+    new_count = next_count(xp, state.count)
     # A NumPy scalar (np.float32(0.5)) is taken as a 0-d gradient; its data pointer would
     # be a temporary's: hold it as an array.
     grads = [np.asarray(g) for g in grads]
@@ -354,6 +385,10 @@ def _check_writable(params: tuple) -> None:
         if isinstance(p, np.ndarray) and not p.flags.writeable:
             raise ValueError(f"params[{i}] is a read-only NumPy array: it cannot be updated "
                              "in place")
+        if not p.flags.c_contiguous and may_overlap_itself(p.shape, p.strides, p.itemsize):
+            raise ValueError(f"params[{i}] has elements that share memory (strides "
+                             f"{p.strides}: broadcast or as_strided?): each would be updated "
+                             "more than once")
         if id(p) in seen:
             raise ValueError(f"params[{i}] is the same array as params[{seen[id(p)]}]: it would be "
                              "updated twice per step")
@@ -380,10 +415,10 @@ def _extent(a: Any) -> tuple[int, int]:
     return min(first, first + span), max(first, first + span) + a.itemsize
 
 
-def _check_keys(label: str, value: Any, keys: tuple) -> None:
+def _check_keys(label: str, value: Any, keys: tuple, optional: tuple = ()) -> None:
     if not isinstance(value, Mapping):
         raise TypeError(f"{label} is a {type(value).__name__}, not a dict")
-    if set(value) != set(keys):
+    if not set(keys) <= set(value) <= set(keys) | set(optional):
         raise ValueError(f"{label} has the keys {sorted(value)}, expected {sorted(keys)}")
 
 
@@ -391,7 +426,7 @@ def _checked_state(label: str, saved: Any, current: Any) -> Any:
     """``saved`` (a dict of host arrays) as a state like ``current``: same fields, and
     as many arrays per field as it has, each of the same shape and dtype."""
     _check_keys(label, saved, current._fields)
-    fields = {"count": _checked_array(f"{label}.count", saved["count"], current.count)}
+    fields = {"count": _checked_count(f"{label}.count", saved["count"], current.count)}
     for name in current._fields[1:]:
         column, now = saved[name], getattr(current, name)
         if not isinstance(column, (list, tuple)) or len(column) != len(now):
@@ -413,6 +448,13 @@ def _checked_array(label: str, saved: Any, current: Any) -> np.ndarray:
     if saved.dtype != current.dtype:
         raise TypeError(f"{label} has dtype {saved.dtype} but this optimizer keeps "
                         f"{current.dtype} (params and state_dtype must be those of the saved one)")
+    return saved
+
+
+def _checked_count(label: str, saved: Any, current: Any) -> np.ndarray:
+    saved = _checked_array(label, saved, current)
+    if not 0 <= int(saved) <= COUNT_MAX:
+        raise ValueError(f"{label} is {int(saved)}: a step count lies in [0, 2**31 - 1]")
     return saved
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 import mvn_core
+from mvn_core._rule import check_state_type
 
 from ._common import check_with_learning_rate
 
@@ -39,25 +40,30 @@ __all__ = [
 ]
 
 def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate: Any = None,
-                    negate: bool = False, state_dtype: Any = None) -> optax.GradientTransformation:
+                    negate: bool = False, state_dtype: Any = None,
+                    skip_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
     """``rule`` as a transformation; ``learning_rate=None`` calls it without ``lr`` (GAN)."""
     fields = _per_tensor_fields(rule)
+    rule_update = mvn_core.skip_if_nonfinite(rule.update) if skip_nonfinite else rule.update
 
     def init(params):
         leaves, treedef = jax.tree.flatten(params)
         return _as_trees(_initial_state(rule, leaves, state_dtype), treedef, fields)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
+        # extra_args (e.g. value=loss, passed along an optax.chain) are not the rule's
+        # business: ignored, as optax's own transformations ignore them.
+        check_state_type(rule.name, rule.state_type, state)
         grads, treedef = jax.tree.flatten(updates)
         flat_params = None if params is None else _leaves_like(treedef, params, "params")
         rate = {} if learning_rate is None else {"lr": _rate_at(learning_rate, state.count)}
-        out, new_state = rule.update(_as_tuples(state, treedef, fields), grads, flat_params,
+        out, new_state = rule_update(_as_tuples(state, treedef, fields), grads, flat_params,
                                      **rate, **hyper)
         if negate:  # exact: the rule's update at lr=1 is minus its direction
             out = [-u for u in out]
         return treedef.unflatten(out), _as_trees(new_state, treedef, fields)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _per_tensor_fields(rule: mvn_core.Rule) -> tuple[str, ...]:
@@ -109,9 +115,10 @@ def _optimizer(public_name: str, rule_name: str) -> Callable[..., optax.Gradient
     rule = mvn_core.rules[rule_name]
     defaults = {name: value for name, value in rule.defaults.items() if name != "lr"}
 
-    def make(learning_rate, state_dtype, **hyper):
+    def make(learning_rate, state_dtype, skip_nonfinite, **hyper):
         _check(rule, hyper, learning_rate)
-        return _transformation(rule, hyper, learning_rate=learning_rate, state_dtype=state_dtype)
+        return _transformation(rule, hyper, learning_rate=learning_rate, state_dtype=state_dtype,
+                               skip_nonfinite=_flag("skip_nonfinite", skip_nonfinite))
 
     return _public(public_name, make, _signature(defaults, rule.defaults["lr"]),
                    _optimizer_doc(rule))
@@ -124,10 +131,11 @@ def _scale_by(rule_name: str) -> Callable[..., optax.GradientTransformation]:
         "lr", "weight_decay", "coupled_weight_decay"}
     defaults = {name: value for name, value in rule.defaults.items() if name not in dropped}
 
-    def make(state_dtype, **hyper):
+    def make(state_dtype, skip_nonfinite, **hyper):
         _check(rule, hyper)
         return _transformation(rule, hyper, learning_rate=1.0, negate=True,
-                               state_dtype=state_dtype)
+                               state_dtype=state_dtype,
+                               skip_nonfinite=_flag("skip_nonfinite", skip_nonfinite))
 
     return _public(f"scale_by_{rule_name}", make, _signature(defaults), _scale_by_doc(rule))
 
@@ -135,13 +143,15 @@ def _scale_by(rule_name: str) -> Callable[..., optax.GradientTransformation]:
 def _gradient_transform(rule_name: str) -> Callable[..., optax.GradientTransformation]:
     rule = mvn_core.rules[rule_name]
 
-    def make(**options):
+    def make(skip_nonfinite, **options):
         _check(rule, options)
-        return _transformation(rule, options)
+        return _transformation(rule, options,
+                               skip_nonfinite=_flag("skip_nonfinite", skip_nonfinite))
 
     signature = inspect.Signature(
-        [_parameter(name, value) for name, value in rule.defaults.items()],
-        return_annotation=optax.GradientTransformation)
+        [_parameter(name, value) for name, value in rule.defaults.items()]
+        + [inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False)],
+        return_annotation=optax.GradientTransformationExtraArgs)
     return _public(rule_name, make, signature, _transform_doc(rule))
 
 
@@ -154,12 +164,20 @@ def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None
     check_with_learning_rate(rule, hyper, learning_rate)
 
 
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} (under "
+                        f"optax.inject_hyperparams, list it in static_args)")
+    return value
+
+
 def _signature(defaults: dict[str, Any], default_rate: Any = None) -> inspect.Signature:
     parameters = [] if default_rate is None else [_parameter("learning_rate", default_rate)]
     parameters += [_parameter(name, value) for name, value in defaults.items()]
-    parameters.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY,
-                                        default=None))
-    return inspect.Signature(parameters, return_annotation=optax.GradientTransformation)
+    parameters += [inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None),
+                   inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY,
+                                     default=False)]
+    return inspect.Signature(parameters, return_annotation=optax.GradientTransformationExtraArgs)
 
 
 def _parameter(name: str, default: Any) -> inspect.Parameter:
@@ -183,11 +201,19 @@ def _public(name: str, make: Callable, signature: inspect.Signature, doc: str) -
 
 _STATE_DOC = """\
 The state is :class:`mvn_core.{state}`: ``count``, then each buffer as a pytree
-shaped like the params.  ``state_dtype`` (e.g. ``jnp.float32`` for bfloat16 params)
-is the buffers' dtype (by default the params').  Under ``optax.inject_hyperparams``,
-name it (``"float32"``) or list it in ``static_args``: a dtype is callable, which
-optax would take for a schedule; with bfloat16 params also pass
-``hyperparam_dtype=jnp.float32``, or optax rounds ``b2=0.999`` to 1."""
+shaped like the params.  ``state_dtype`` is the buffers' dtype; by default the
+params', except for float16 and bfloat16 params, whose state is float32.  Under
+``optax.inject_hyperparams``, name it (``"float32"``) or list it in ``static_args``:
+a dtype is callable, which optax would take for a schedule; with bfloat16 params
+also pass ``hyperparam_dtype=jnp.float32``, or optax rounds ``b2=0.999`` to 1."""
+
+_SKIP_DOC = """\
+``skip_nonfinite=True`` skips every step whose gradients hold a NaN or an Inf
+(:func:`mvn_core.skip_if_nonfinite`, under ``jax.jit`` too): the state is returned
+as it was, its ``count`` included (which tells a skipped step), and the updates
+are zeros.  By default non-finite gradients are computed as IEEE arithmetic
+does (see the rule).  ``update`` takes and ignores extra keyword arguments
+(``value=loss``), as optax's ``GradientTransformationExtraArgs`` do."""
 
 _RULE_DOC = """\
 {reference}.  The pure rule, :func:`mvn_core.{name}_update`:
@@ -205,6 +231,7 @@ def _optimizer_doc(rule: mvn_core.Rule) -> str:
         "recompile.  ``update(updates, state, params)`` needs ``params`` for weight decay\n"
         "(an array ``weight_decay`` counts as weight decay even when it is zero).",
         _STATE_DOC.format(state=rule.state_type.__name__),
+        _SKIP_DOC,
         _rule_doc(rule),
     ])
 
@@ -220,6 +247,7 @@ def _scale_by_doc(rule: mvn_core.Rule) -> str:
         f"makes the same steps as the optimizer with ``learning_rate=lr`` (bit for bit\n"
         f"for float32 and float64 params; in bfloat16 the direction is rounded first).\n{decay}",
         _STATE_DOC.format(state=rule.state_type.__name__),
+        _SKIP_DOC,
         _rule_doc(rule),
     ])
 
@@ -231,6 +259,7 @@ def _transform_doc(rule: mvn_core.Rule) -> str:
         f"The state is :class:`mvn_core.{rule.state_type.__name__}` (the count, and what a\n"
         "custom ``scale`` keeps).  A callable ``scale`` must be listed in ``static_args``\n"
         "of ``optax.inject_hyperparams``, which would take it for a schedule.",
+        _SKIP_DOC,
         _rule_doc(rule),
     ])
 

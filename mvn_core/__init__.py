@@ -10,8 +10,15 @@ of pure functions::
 ``params``/``grads`` are one array or a flat list/tuple of arrays of any Array-API
 namespace (NumPy, PyTorch, JAX, CuPy, array-api-strict, ...).  Nothing is mutated.
 This package imports no array library: the namespace comes from the arrays passed in.
+
+The functions are differentiable wherever the library is: on PyTorch params that
+require grad, take a training step under ``torch.no_grad()`` (coupled weight decay
+would otherwise keep every step's autograd graph alive through the state).
+``skip_if_nonfinite(update)`` makes an update skip the steps whose gradients hold a
+NaN or an Inf.
 """
 
+from ._nonfinite import all_finite, skip_if_nonfinite
 from ._rule import apply_updates
 from .adabelief import AdaBeliefState, adabelief_init, adabelief_update
 from .adam import AdamState, adam_init, adam_update
@@ -26,7 +33,7 @@ from .sgd import SGDState, sgd_init, sgd_update
 __version__ = "0.1.0"
 
 __all__ = [
-    "apply_updates", "rules", "Rule",
+    "apply_updates", "rules", "Rule", "skip_if_nonfinite", "all_finite",
     "mvn_init", "mvn_update", "MVNState",
     "gan_init", "gan_update", "GANState",
     "maxva_init", "maxva_update", "MaxVAState",

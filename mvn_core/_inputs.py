@@ -18,10 +18,17 @@ import array_api_compat
 # Hyperparameters by the range they must lie in.  The names are the public keyword
 # names of every rule; a rule checks only the ones it takes.
 NON_NEGATIVE = frozenset({"lr", "eps_s", "weight_decay"})
-# eps is what keeps 0/0 out of a zero gradient's step: it must stay positive in the
-# compute dtype, which is at least float32 (whose smallest normal number is 2**-126).
+# eps is what keeps 0/0 out of a zero gradient's step, and what bounds a normalized
+# gradient g / (sqrt(v) + eps) where the second moment vanishes (MVN-Grad's residual
+# variance with eps_s = 0, Adam's v after a spike): |g| / eps.  Steps are computed in
+# float32 at least, whose gradients are supported up to sqrt(max) / 4 ~ 2**62 (so that
+# g**2 is finite), and whose largest number is ~2**128: eps >= 2**-64 keeps |g| / eps
+# below 2**126, with room for the averages and bias corrections that follow.
 POSITIVE = frozenset({"eps"})
-FLOAT32_TINY = 2.0 ** -126
+EPS_MIN = 2.0 ** -64
+# Python numbers enter the arithmetic as numbers of the compute dtype (float32 at
+# least): a larger one would become Inf there, and Inf * 0 is NaN.
+FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
 UNIT_INTERVAL = frozenset({"b1", "b2", "b2_min", "b2_max", "momentum"})  # [0, 1)
 FLAGS = frozenset({"coupled_weight_decay", "nesterov", "grad_averaging", "rectify"})
 
@@ -98,20 +105,27 @@ def device_or_none(a: Any) -> Any:
     return None if len(getattr(device, "device_set", ())) > 1 else device
 
 
-def check_one_device(labelled: Sequence[tuple[str, Any]]) -> None:
-    """Refuse arrays spread over several devices."""
+def check_one_device(labelled: Sequence[tuple[str, Any]],
+                     scalars: Sequence[tuple[str, Any]] = ()) -> None:
+    """Refuse arrays spread over several devices.  ``scalars`` (0-d hyperparameters)
+    may also be where their library computes with them on any device: a PyTorch 0-d
+    tensor on the CPU acts as a Python number does."""
     first_label, first_device = None, None
-    for label, a in labelled:
+    for label, a in [*labelled, *scalars]:
         dev = device_or_none(a)
-        if dev is None:
+        if dev is None or (first_device is not None and dev == first_device):
             continue
         if first_device is None:
             first_label, first_device = label, dev
-        elif dev != first_device:
+        elif not (label in dict(scalars) and _usable_on_any_device(a)):
             raise ValueError(
                 f"{label} is on device {dev} but {first_label} is on {first_device}; "
                 "move all arrays of one call to one device"
             )
+
+
+def _usable_on_any_device(a: Any) -> bool:
+    return array_api_compat.is_torch_array(a) and a.device.type == "cpu"
 
 
 def check_real_floating(xp: Any, label: str, a: Any) -> None:
@@ -164,7 +178,7 @@ def normalise_hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, bool):
             raise TypeError(f"{name} must be a number or a 0-d array, got {value!r}")
         elif isinstance(value, numbers.Real):
-            out[name] = _checked_number(name, float(value))
+            out[name] = _checked_number(name, _as_float(name, value))
         elif is_array(value):
             out[name] = _checked_array(name, value)
         else:
@@ -174,14 +188,25 @@ def normalise_hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _as_float(name: str, value: numbers.Real) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float, e.g. 10**400
+        raise ValueError(f"{name} (an integer of {len(str(abs(int(value))))} digits) is out of "
+                         "range: it is larger than any floating-point number") from None
+
+
 def _checked_number(name: str, value: float) -> float:
     if name in UNIT_INTERVAL and not 0.0 <= value < 1.0:
         raise ValueError(f"{name}={value!r} is out of range: it must lie in [0, 1)")
-    if name in NON_NEGATIVE and not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name}={value!r} is out of range: it must be finite and >= 0")
-    if name in POSITIVE and not (math.isfinite(value) and value >= FLOAT32_TINY):
-        raise ValueError(f"{name}={value!r} is out of range: it must be finite and at least "
-                         f"{FLOAT32_TINY:.3g} (smaller values vanish in float32 arithmetic)")
+    if name in NON_NEGATIVE and not 0.0 <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} is out of range: it must be >= 0 and at most "
+                         f"{FLOAT32_MAX:.4g} (float32's largest number; steps compute in "
+                         "float32 at least)")
+    if name in POSITIVE and not EPS_MIN <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} is out of range: it must be at least 2**-64 "
+                         f"({EPS_MIN:.3g}; below it g / eps overflows float32 for gradients "
+                         f"of the supported range) and at most {FLOAT32_MAX:.4g}")
     return value
 
 

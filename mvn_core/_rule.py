@@ -66,7 +66,7 @@ def open_call(rule_name: str, state_type: type, state: Any, grads: Any, params: 
     labelled = [(f"grads[{i}]", g) for i, g in enumerate(grad_list)]
     labelled += [(f"params[{i}]", p) for i, p in enumerate(param_list or [])]
     labelled += [(f"state.{name}", a) for name, a in _named_state_arrays(state)]
-    check_one_device(labelled)
+    check_one_device(labelled, [(name, v) for name, v in hyper.items() if is_array(v)])
     return Call(xp, grad_list, param_list, rebuild)
 
 
@@ -112,13 +112,30 @@ def check_state_type(rule_name: str, state_type: type, state: Any) -> None:
     )
 
 
+# The count is an int32 that never wraps: it stops at the largest int32, long after the
+# bias corrections have reached one (a wrapped count would make them negative).
+COUNT_MAX = 2 ** 31 - 1
+
+
 def _check_count(xp: Any, count: Any) -> None:
+    """The count's kind, never its value (it may be traced): a 0-d integer array whose
+    dtype holds 0..COUNT_MAX.  Booleans are not integers here; a narrower integer would
+    wrap long before COUNT_MAX."""
     if not is_array(count) or count.ndim != 0 or not xp.isdtype(count.dtype, "integral"):
         raise TypeError("state.count must be a 0-d integer array, as made by the rule's init")
+    if xp.iinfo(count.dtype).max < COUNT_MAX:
+        raise TypeError(f"state.count has dtype {count.dtype}, which cannot hold counts up to "
+                        f"2**31 - 1: the rule's init makes an int32 count")
 
 
 def new_count(xp: Any, like: Any) -> Any:
     return xp.zeros((), dtype=xp.int32, device=device_or_none(like))
+
+
+def next_count(xp: Any, count: Any) -> Any:
+    """``count + 1``, saturating at :data:`COUNT_MAX` instead of wrapping; array
+    arithmetic only (no value is read: jit-friendly, no device synchronisation)."""
+    return as_array(xp, count + xp.astype(count < COUNT_MAX, count.dtype))
 
 
 def checked_params(params: Any) -> tuple[Any, list]:
@@ -131,6 +148,17 @@ def checked_params(params: Any) -> tuple[Any, list]:
         check_real_floating(xp, f"params[{i}]", p)
     check_one_device([(f"params[{i}]", p) for i, p in enumerate(arrays)])
     return xp, arrays
+
+
+def default_state_dtype(xp: Any, param_dtype: Any, state_dtype: Any = None) -> Any:
+    """The dtype of a parameter's state buffers: ``state_dtype`` when given, else the
+    parameter's own, except float16 and bfloat16 (fewer than 32 bits), whose state is
+    float32: a bfloat16 second moment cannot decay at b2 = 0.999 (its 8-bit mantissa
+    rounds b2 v back to v) and a float16 one underflows below 6e-8 (g ~ 2e-4) or
+    overflows above 65504."""
+    if state_dtype is not None:
+        return state_dtype
+    return xp.float32 if xp.finfo(param_dtype).bits < 32 else param_dtype
 
 
 def compute_dtype(xp: Any, *dtypes: Any) -> Any:
@@ -219,7 +247,8 @@ class TensorRule:
     def init(self, params: Any, state_dtype: Any = None) -> Any:
         xp, arrays = checked_params(params)
         dtype = resolve_dtype(xp, state_dtype)
-        buffers = {name: tuple(self._zeros(xp, name, p, dtype) for p in arrays)
+        buffers = {name: tuple(self._zeros(xp, name, p, default_state_dtype(xp, p.dtype, dtype))
+                               for p in arrays)
                    for name in self.buffer_names}
         return self.state_type(count=new_count(xp, arrays[0]), **buffers)
 
@@ -227,7 +256,7 @@ class TensorRule:
         if name in self.scalar_buffers:
             # One number per tensor (a squared norm) costs nothing to keep in float32 at
             # least, and would overflow float16 for any sizeable tensor.
-            wide = xp.result_type(dtype or p.dtype, xp.float32)
+            wide = xp.result_type(dtype, xp.float32)
             return xp.zeros((), dtype=wide, device=device_or_none(p))
         return xp.zeros_like(p, dtype=dtype, device=device_or_none(p))
 
@@ -256,7 +285,7 @@ class TensorRule:
         call, hyper = self.checked_call(state, grads, params, hyper)
         decayed = self.decays(hyper)
         xp = call.xp
-        count = as_array(xp, state.count + 1)
+        count = next_count(xp, state.count)
         scalars: dict[Any, SimpleNamespace] = {}
         tensors = []
         for i, g in enumerate(call.grads):
@@ -368,6 +397,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     new = []
     for i, (p, u) in enumerate(zip(param_list, update_list)):
         check_real_floating(xp, f"params[{i}]", p)
+        check_real_floating(xp, f"updates[{i}]", u)  # a complex one would lose its imaginary part
         check_same_shape(f"updates[{i}]", u, f"params[{i}]", p)
         new.append(as_array(xp, p + xp.astype(u, p.dtype, copy=False)))
     return rebuild(new)

@@ -27,11 +27,19 @@ def _rectification(xp, c, bc1, bc2):
     """RAdam's variance rectification, as in the official ``adabelief-pytorch``."""
     rho_inf = 2 / (1 - c.b2) - 1
     rho = rho_inf - 2 * c.t * (1 - bc2) / bc2
-    den = (rho_inf - 4) * (rho_inf - 2) * rho
-    # Where rectification is off the ratio is unused; keep it finite there.
-    ratio = (rho - 4) * (rho - 2) * rho_inf / xp.where(den == 0, xp.ones_like(den), den)
+    rectified = rho >= 5
+
+    def where_rectified(x):  # elsewhere the ratio is unused: keep it finite there
+        x = x + xp.zeros_like(rho)
+        return xp.where(rectified, x, xp.ones_like(x))
+
+    # A product of three bounded ratios: rho_inf reaches 2**54 as b2 nears 1 and rho_t
+    # grows with the count, so the products of three of them in one quotient overflowed
+    # float32 at late counts (Inf / Inf).
+    ratio = ((rho - 4) / where_rectified(rho_inf - 4) * ((rho - 2) / where_rectified(rho_inf - 2))
+             * (rho_inf / where_rectified(rho)))
     scale = xp.sqrt(xp.clip(ratio * bc2, min=0.0)) / bc1
-    return {"rectified": rho >= 5, "rect_scale": scale}
+    return {"rectified": rectified, "rect_scale": scale}
 
 
 def _direction(xp, g, p, buffers, c):
@@ -68,7 +76,10 @@ def adabelief_update(state: AdaBeliefState, grads: Any, params: Any = None, *, l
     where ``r_t^2 = (rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)``,
     and earlier steps the momentum ``m_t / (1 - b1^t)`` alone.  In the first rectified
     steps ``rho_t`` is a small difference of two numbers near ``2 / (1 - b2)``, so in
-    float32 the rectified step size is only accurate to about 1e-4 relative there.
+    float32 the rectified step size is only accurate to about 1e-4 relative there; the
+    ratio ``r_t^2`` is formed as a product of three bounded ratios, which cannot overflow.
+    A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
+    (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
     """
     return ADABELIEF.update(state, grads, params, dict(
         lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, rectify=rectify))

@@ -47,6 +47,11 @@ def adam_update(state: AdamState, grads: Any, params: Any = None, *, lr: Any = 1
 
     Weight decay is decoupled (AdamW); ``coupled_weight_decay=True`` gives
     ``torch.optim.Adam(weight_decay=...)`` semantics (``g += weight_decay * theta``).
+    After a spike, ``v`` may underflow while ``m`` has not: the step is then ``m / eps``,
+    finite for ``eps >= 2**-64`` (the range check's floor).
+
+    A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
+    (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
     """
     return ADAM.update(state, grads, params, dict(
         lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,

@@ -19,6 +19,7 @@ from ._rule import (
     compute_dtype,
     guard,
     new_count,
+    next_count,
     open_call,
     register_state_type,
 )
@@ -65,11 +66,15 @@ def gan_update(state: GANState, grads: Any, params: Any = None, *, center: str =
 
         g_hat, gan_state = gan_update(gan_state, grads)
         updates, sgd_state = sgd_update(sgd_state, g_hat, params, lr=0.1, momentum=0.9)
+
+    A NaN or an Inf in an eligible tensor makes every eligible tensor's output NaN (the
+    scale is global); :func:`mvn_core.skip_if_nonfinite` around both functions skips
+    such steps instead (wrapped, GAN passes the gradients through, and the rule skips).
     """
     check_options(center, scale)
     call = open_call("gan", GANState, state, grads, params, {})
     xp = call.xp
-    count = as_array(xp, state.count + 1)
+    count = next_count(xp, state.count)
     out = list(call.grads)
     eligible = [i for i, g in enumerate(out) if g.ndim >= 2]
     if not eligible:

@@ -38,6 +38,11 @@ def laprop_update(state: LaPropState, grads: Any, params: Any = None, *, lr: Any
         v_t = b2 v + (1 - b2) g^2
         m_t = b1 m + (1 - b1) g / (sqrt(v_t / (1 - b2^t)) + eps)
         update = -lr weight_decay theta - lr m_t / (1 - b1^t)
+
+    ``g / eps`` bounds the normalized gradient where ``v`` underflows (``eps >= 2**-64``
+    keeps it finite).  A NaN or an Inf in ``g`` makes that coordinate's update and state
+    NaN from then on (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps
+    instead.
     """
     return LAPROP.update(state, grads, params, dict(
         lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))

@@ -90,6 +90,9 @@ def maxva_update(state: MaxVAState, grads: Any, params: Any = None, *, lr: Any =
     below 0.5 only binds where ``d2 = var = 0``.  In float32, where the mean of the
     gradients is 1e3 times their spread or more, ``var`` is mostly rounding and the
     choice of beta is noise (float64 holds to about 1e11).
+
+    A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
+    (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
     """
     return MAXVA.update(state, grads, params, dict(
         lr=lr, b1=b1, b2_min=b2_min, b2_max=b2_max, eps=eps, weight_decay=weight_decay))

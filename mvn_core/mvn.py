@@ -37,8 +37,9 @@ MVN = TensorRule("mvn", MVNState, _direction, bias_corrections)
 def mvn_init(params: Any, *, state_dtype: Any = None) -> MVNState:
     """Zero state for :func:`mvn_update`: count 0 and ``m, v, u`` shaped like each param.
 
-    ``state_dtype`` (a dtype or its name) stores the buffers in another dtype, e.g.
-    float32 state for bfloat16 parameters; by default they take the params' dtype.
+    ``state_dtype`` (a dtype or its name) stores the buffers in another dtype; by
+    default they take the params' dtype, except float16 and bfloat16 params, whose
+    state is float32 (a half-precision second moment underflows or cannot decay).
     """
     return MVN.init(params, state_dtype)
 
@@ -58,6 +59,12 @@ def mvn_update(state: MVNState, grads: Any, params: Any = None, *, lr: Any = 1e-
 
     ``coupled_weight_decay=True`` adds ``weight_decay * theta`` to ``g`` first (L2 form)
     instead of the decoupled term.  The first step is ``~ -lr sign(g) / b1``.
+
+    Where the residual variance vanishes (``b1 = 0``, or constant gradients, with
+    ``eps_s = 0``) ``z_t`` is ``g / eps``: the range check's floor ``eps >= 2**-64`` keeps
+    it below 2**126 for every float32 gradient of the supported range (``|g| <= 2**62``).
+    A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
+    (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
     """
     return MVN.update(state, grads, params, dict(
         lr=lr, b1=b1, b2=b2, eps=eps, eps_s=eps_s, weight_decay=weight_decay,

@@ -58,7 +58,11 @@ def novograd_update(state: NovoGradState, grads: Any, params: Any = None, *, lr:
     No bias correction (the first step's initialisation replaces it); weight decay
     enters the momentum.  ``grad_averaging=True`` multiplies the bracket by ``1 - b1``.
     The norm is taken over the whole (logical) tensor; on arrays sharded over
-    processes the norms of all tensors are combined in one collective.
+    processes the norms of all tensors are combined in one collective.  A NaN in ``g``
+    makes the whole tensor's update and state NaN from then on; an Inf makes ``v`` Inf,
+    that coordinate NaN and the rest of the tensor's normalized gradient 0 from then on
+    (it steps on its momentum and weight decay alone).  :func:`mvn_core.skip_if_nonfinite`
+    skips such steps instead.
     """
     return NOVOGRAD.update(state, grads, params, dict(
         lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging))

@@ -46,7 +46,9 @@ def sgd_update(state: SGDState, grads: Any, params: Any = None, *, lr: Any = 1e-
         update = -lr weight_decay theta - lr b_t          (nesterov: -lr (g + momentum b_t))
 
     ``coupled_weight_decay=True`` adds ``weight_decay * theta`` to ``g`` first, which is
-    what ``torch.optim.SGD(weight_decay=...)`` does.
+    what ``torch.optim.SGD(weight_decay=...)`` does.  A NaN in ``g`` makes that
+    coordinate NaN from then on, an Inf makes it +-Inf (from then on with momentum; NaN
+    after that step without); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
     """
     return SGD.update(state, grads, params, dict(
         lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,

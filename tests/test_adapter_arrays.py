@@ -126,8 +126,8 @@ def test_one_generated_class_per_optimizer_rule():
 def test_signature_and_doc_show_the_rules_hyperparameters(name):
     cls, rule = arrays.OPTIMIZERS[name], mvn_core.rules[name]
     parameters = inspect.signature(cls).parameters
-    assert list(parameters)[:4] == ["params", "gan", "state_dtype", "fused"]
-    assert {k: p.default for k, p in list(parameters.items())[4:]} == dict(rule.defaults)
+    assert list(parameters)[:5] == ["params", "gan", "state_dtype", "fused", "skip_nonfinite"]
+    assert {k: p.default for k, p in list(parameters.items())[5:]} == dict(rule.defaults)
     assert rule.title in cls.__doc__ and rule.doc in cls.__doc__
     opt = cls([np.ones(2)])
     assert opt.hyperparameters == dict(rule.defaults) and opt.gan is None
@@ -586,6 +586,23 @@ def test_cupy_state_loads_on_cpu_and_back(name):
         again.step(_to_gpu(grads))
     _assert_identical(again.params, gpu.params)
 
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.lib.stride_tricks.as_strided(np.zeros(1), shape=(5,), strides=(0,), writeable=True),
+    lambda: np.lib.stride_tricks.as_strided(np.zeros(4), shape=(3, 2), strides=(8, 8),
+                                            writeable=True),
+], ids=["stride_0", "rows_overlap"])
+def test_a_param_whose_elements_share_memory_is_refused(make):
+    param = make()
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory"):
+        arrays.SGD([np.zeros(2), param], lr=0.1)
+    opt = arrays.SGD([np.zeros(2), np.zeros(param.shape)], lr=0.1)
+    opt.params = (opt.params[0], param)  # swapped in later: refused at the step, before any write
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory"):
+        opt.step([np.ones(2), np.ones(param.shape)])
+    assert np.array_equal(opt.params[0], np.zeros(2))
+    arrays.SGD([np.zeros((6, 4))[::2, 1:3], np.zeros((3, 4)).T], lr=0.1)  # strided, disjoint
 
 
 def test_views_of_one_buffer_are_refused():

@@ -95,15 +95,18 @@ def test_public_functions_have_the_rules_signatures_and_documentation():
     for public, name in OPTIMIZERS.items():
         rule = mvn_core.rules[name]
         parameters = inspect.signature(getattr(adapter, public)).parameters
-        assert list(parameters) == ["learning_rate", *list(rule.defaults)[1:], "state_dtype"]
+        assert list(parameters) == ["learning_rate", *list(rule.defaults)[1:], "state_dtype",
+                                    "skip_nonfinite"]
         assert parameters["learning_rate"].default == rule.defaults["lr"]
         assert parameters["state_dtype"].kind is P.KEYWORD_ONLY
+        assert parameters["skip_nonfinite"].kind is P.KEYWORD_ONLY
         assert all(parameters[k].default == v for k, v in rule.defaults.items() if k != "lr")
         assert rule.doc in inspect.getdoc(getattr(adapter, public)).replace("\n    ", "\n")
         direction = inspect.signature(getattr(adapter, f"scale_by_{name}")).parameters
         kept = {"lr"} | ({"weight_decay", "coupled_weight_decay"} if name != "novograd" else set())
-        assert list(direction) == [k for k in rule.defaults if k not in kept] + ["state_dtype"]
-    assert list(inspect.signature(adapter.gan).parameters) == ["center", "scale"]
+        assert list(direction) == [k for k in rule.defaults if k not in kept] + [
+            "state_dtype", "skip_nonfinite"]
+    assert list(inspect.signature(adapter.gan).parameters) == ["center", "scale", "skip_nonfinite"]
     assert inspect.signature(adapter.mvn_grad).parameters["b2"].default == 0.999
     for name in adapter.__all__:
         assert getattr(adapter, name).__name__ == name
@@ -153,7 +156,7 @@ def _dtype_cases():
     """Every rule in float64; the narrower dtypes for MVN-Grad and NovoGrad (its second
     moment is one 0-d array per tensor).  The core's own tests cover every rule and dtype."""
     narrower = {"float32": (jnp.float32, None), "bfloat16": (jnp.bfloat16, None),
-                "bfloat16-float32-state": (jnp.bfloat16, jnp.float32)}
+                "bfloat16-bfloat16-state": (jnp.bfloat16, jnp.bfloat16)}
     for public in OPTIMIZERS:
         yield pytest.param(public, jnp.float64, None, id=f"{public}-float64")
         if public in ("mvn_grad", "novograd"):
@@ -180,7 +183,8 @@ def test_trajectory_is_bitwise_that_of_the_pure_rule(public, dtype, state_dtype)
     _assert_same(params, flat)
     _assert_same(state, pure_state)
     for name in state._fields[1:]:
-        expected = state_dtype or dtype
+        # by default the params' dtype, float32 for half-precision params
+        expected = state_dtype or (jnp.float32 if dtype == jnp.bfloat16 else dtype)
         if (public, name) == ("novograd", "v"):  # one number per tensor: float32 at least
             expected = jnp.result_type(expected, jnp.float32)
         assert all(b.dtype == expected for b in jax.tree.leaves(getattr(state, name)))
@@ -210,6 +214,43 @@ def test_a_state_made_for_other_params_is_refused():
         transformation.update({"w": jnp.ones(3)}, state)
     with pytest.raises(ValueError, match=r"state.m\[1\] has shape \(3,\)"):
         transformation.update({"w": jnp.ones(4), "b": jnp.ones(2)}, state)
+
+
+def _every_transformation():
+    """Each public factory's name and its rule."""
+    for name in adapter.__all__:
+        rule_name = OPTIMIZERS.get(name, name.removeprefix("scale_by_"))
+        yield pytest.param(name, mvn_core.rules[rule_name], id=name)
+
+
+@pytest.mark.parametrize("name,rule", list(_every_transformation()))
+def test_a_state_of_another_rule_is_refused_with_a_type_error(name, rule):
+    params = {"w": jnp.ones(3)}
+    transformation = getattr(adapter, name)()
+    for other in mvn_core.rules.values():
+        if other is rule:
+            continue
+        state = other.init(jax.tree.leaves(params))
+        with pytest.raises(TypeError, match=f"state was made by {other.name}_init, but "
+                                            f"{rule.name}_update needs"):
+            transformation.update(params, state, params)
+
+
+@pytest.mark.parametrize("name,rule", list(_every_transformation()))
+def test_update_takes_and_ignores_extra_arguments(name, rule):
+    """As optax's GradientTransformationExtraArgs: ``value=loss`` and the like pass
+    through ``optax.chain`` to every transformation."""
+    params = {"w": jnp.linspace(-1, 1, 4).reshape(2, 2), "b": jnp.ones(2)}
+    grads = jax.tree.map(lambda p: 0.5 * p + 0.25, params)
+    transformation = getattr(adapter, name)()
+    assert isinstance(transformation, optax.GradientTransformationExtraArgs)
+    state = transformation.init(params)
+    expected, _ = transformation.update(grads, state, params)
+    got, _ = transformation.update(grads, state, params, value=jnp.asarray(1.5), step=3)
+    chained = optax.chain(optax.identity(), transformation)
+    via_chain, _ = chained.update(grads, chained.init(params), params, value=jnp.asarray(1.5))
+    for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(expected), jax.tree.leaves(via_chain)):
+        assert np.array_equal(a, b) and np.array_equal(c, b)
 
 
 # ---- learning rates: numbers, arrays, schedules, inject_hyperparams

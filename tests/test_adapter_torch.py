@@ -637,3 +637,236 @@ def test_gan_state_loads_with_weights_only(tmp_path):
                          momentum=0.9, gan=True)
     fresh.load_state_dict(loaded)
     assert int(fresh.param_groups[0]["gan_state"][0]) == 1
+
+
+# --- every step all or nothing ----------------------------------------------------------
+
+def _frozen(opt, params):
+    """Copies of the params and of their state, to compare bit for bit."""
+    return ([p.detach().clone() for p in params],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+
+
+def _assert_unchanged(opt, params, frozen):
+    values, states = frozen
+    for p, v, state in zip(params, values, states):
+        assert torch.equal(p.detach(), v)
+        assert opt.state[p].keys() == state.keys()
+        assert all(torch.equal(opt.state[p][k], x) for k, x in state.items())
+
+
+def _one_clean_step(name, values, grads, **options):
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = CLASSES[name](params, lr=0.1, **options)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    return params
+
+
+def _broken(kind):
+    """A parameter that cannot be stepped, and a way to mend it."""
+    if kind == "expanded":  # its 10 elements are one memory location
+        bad = torch.zeros(1).expand(10)
+        return bad, torch.ones(10), lambda opt: setattr(bad, "grad", None)
+    with torch.inference_mode():  # an inference tensor cannot be written outside it
+        bad = torch.zeros(10)
+    return bad, torch.ones(10), lambda opt: setattr(bad, "grad", None)
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": False}], ids=["multi_tensor", "reference"])
+@pytest.mark.parametrize("kind,match", [("expanded", "elements that share memory"),
+                                        ("inference", "is an inference tensor")])
+def test_a_parameter_that_cannot_be_written_is_refused_before_any_write(kind, match, path):
+    """The step raises before the first write (a large tensor first in line is written
+    by then on the old code), and a retry after mending it takes the step once."""
+    big = torch.nn.Parameter(torch.zeros(200_000))
+    trained = torch.nn.Parameter(torch.ones(3))
+    bad, bad_grad, mend = _broken(kind)
+    opt = adapters.Adam([big, trained, bad], lr=0.1, **path)
+    trained.grad = torch.full((3,), 0.5)
+    opt.step()
+    frozen = _frozen(opt, [big, trained])
+    big.grad, trained.grad, bad.grad = torch.ones(200_000), torch.full((3,), -1.0), bad_grad
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_unchanged(opt, [big, trained], frozen)
+    assert not opt.state[bad]
+    mend(opt)
+    opt.step()
+    assert int(opt.state[big]["step"]) == 1 and int(opt.state[trained]["step"]) == 2
+    assert torch.equal(big.detach(), _one_clean_step("adam", [torch.zeros(200_000)],
+                                                     [torch.ones(200_000)], **path)[0].detach())
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": False}], ids=["multi_tensor", "reference"])
+def test_a_parameter_reshaped_after_its_state_was_made_is_refused(path):
+    big = torch.nn.Parameter(torch.zeros(200_000))
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = adapters.Adam([big, p], lr=0.1, **path)
+    big.grad, p.grad = torch.ones(200_000), torch.ones(4)
+    opt.step()
+    frozen = _frozen(opt, [big])
+    p.data = torch.zeros(1)
+    p.grad = torch.ones(1)
+    with pytest.raises(ValueError, match=r"shape \(1,\).*state 'm' of shape \(4,\)|"
+                                         r"state\.m\[1\] has shape \(4,\)"):
+        opt.step()
+    _assert_unchanged(opt, [big], frozen)
+    p.data = torch.zeros(4)  # put back: a gradient that no longer matches is refused too
+    with pytest.raises(ValueError, match=r"has a gradient of shape \(1,\)"):
+        opt.step()
+    _assert_unchanged(opt, [big], frozen)
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": False}], ids=["multi_tensor", "reference"])
+def test_a_first_step_under_inference_mode_leaves_state_later_steps_can_update(path):
+    problem = make_problem(4, seed=3)
+    params = _params(problem, torch.float32)
+    opt = adapters.MVNGrad(params, lr=1e-2, **path)
+    for step, grads in enumerate(problem.grads):
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g, dtype=torch.float32)
+        if step == 0:
+            with torch.inference_mode():
+                opt.step()
+        else:
+            opt.step()
+    assert not any(v.is_inference() for p in params for v in opt.state[p].values())
+    reference = _params(problem, torch.float32)
+    expected = _run(adapters.MVNGrad(reference, lr=1e-2, **path), reference, problem.grads,
+                    torch.float32)
+    for p, e in zip(params, expected[-1]):
+        np.testing.assert_array_equal(p.detach().double().numpy(), e)
+
+
+# --- errors that name the problem --------------------------------------------------------
+
+def test_hyperparameters_of_the_wrong_kind_get_clear_errors():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="lr .*is out of range"):
+        adapters.Adam(p, lr=10 ** 400)
+    with pytest.raises(TypeError, match=r"betas must be a pair \('b1', 'b2'\), got 0.9"):
+        adapters.Adam(p, betas=0.9)
+    opt = adapters.Adam(p, lr=torch.tensor(0.1, device="meta"))
+    p[0].grad = torch.ones(2)
+    with pytest.raises(ValueError, match="lr is on device meta but a parameter is on cpu"):
+        opt.step()
+    assert not opt.state[p[0]]
+
+
+@pytest.mark.parametrize("change", ["missing key", "plain dicts"])
+def test_param_groups_without_their_keys_get_clear_errors(change):
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = adapters.Adam([p], lr=0.1)
+    p.grad = torch.ones(2)
+    if change == "missing key":
+        del opt.param_groups[0]["eps"]
+    else:
+        opt.param_groups = [{"params": [p], "lr": 0.1}]
+    with pytest.raises(ValueError, match="a param group has no .*'eps'"):
+        opt.step()
+    assert not opt.state[p] and torch.equal(p.detach(), torch.zeros(2))
+
+
+def _saved_adam():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = adapters.Adam([p], lr=0.1)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    return opt, p
+
+
+@pytest.mark.parametrize("corrupt,error,match", [
+    (lambda sd: sd["state"][0].update(m=None), TypeError,
+     "saved state 'm' of parameter 0 is a NoneType"),
+    (lambda sd: sd["state"][0].update(m=[0.0, 0.0, 0.0]), TypeError,
+     "'m' of parameter 0 is a list"),
+    (lambda sd: sd["state"][0].update(m=torch.zeros(3, dtype=torch.float64, device="meta")),
+     ValueError, "meta tensor"),
+    (lambda sd: sd.pop("state"), ValueError, "the state dict has no 'state'"),
+    (lambda sd: sd["param_groups"][0].update(lr=-1.0), ValueError, "lr=-1.0 is out of range"),
+    (lambda sd: sd["param_groups"][0].update(betas=(1.5, 0.9)), ValueError,
+     "b1=1.5 is out of range"),
+    (lambda sd: sd["param_groups"][0].update(skipped_steps=-1), ValueError,
+     "skipped_steps must be"),
+], ids=["none", "list", "meta", "no state", "lr", "betas", "skipped"])
+def test_a_corrupt_state_dict_is_refused_before_anything_changes(corrupt, error, match):
+    opt, p = _saved_adam()
+    saved = opt.state_dict()
+    corrupt(saved)
+    frozen = _frozen(opt, [p])
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(saved)
+    _assert_unchanged(opt, [p], frozen)
+    assert [dict(g) for g in opt.param_groups] == groups
+
+
+# --- torch.optim's own conventions ------------------------------------------------------
+
+def test_state_entries_that_are_not_a_parameters_are_kept():
+    opt, p = _saved_adam()
+    opt.state["test"] = 1  # state-dict pre-hooks add such entries
+    saved = opt.state_dict()
+    assert saved["state"]["test"] == 1
+    fresh = adapters.Adam([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))], lr=0.1)
+    fresh.load_state_dict(saved)
+    assert fresh.state["test"] == 1
+
+
+def test_a_step_saved_as_a_plain_number_loads():
+    opt, p = _saved_adam()
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = 1.0  # the format of older torch.optim state dicts
+    copy = torch.nn.Parameter(p.detach().clone())
+    fresh = adapters.Adam([copy], lr=0.1)
+    fresh.load_state_dict(saved)
+    assert fresh.state[copy]["step"].dtype == torch.int32
+    _assert_continue_alike(opt, [p], fresh, [copy], [[np.full(3, 0.5)]] * 2)
+
+
+@pytest.mark.parametrize("path", [{}, {"foreach": False}], ids=["multi_tensor", "reference"])
+def test_a_one_element_tensor_learning_rate_acts_as_its_value(path):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt_a = adapters.Adam([a], lr=torch.tensor([0.1]), betas=(torch.tensor([0.9]), 0.999), **path)
+    opt_b = adapters.Adam([b], lr=torch.tensor(0.1), betas=(torch.tensor(0.9), 0.999), **path)
+    for _ in range(2):
+        a.grad, b.grad = torch.full((3,), 0.3), torch.full((3,), 0.3)
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"lr must be .* got an array of shape \(2,\)"):
+        adapters.Adam([a], lr=torch.tensor([0.1, 0.2]))
+
+
+def test_a_loaded_group_without_an_option_gets_its_default():
+    opt, p = _saved_adam()
+    saved = opt.state_dict()
+    for option in ("maximize", "foreach", "fused", "skip_nonfinite", "skipped_steps"):
+        del saved["param_groups"][0][option]
+    copy = torch.nn.Parameter(p.detach().clone())
+    fresh = adapters.Adam([copy], lr=0.1, maximize=True)
+    fresh.load_state_dict(saved)
+    group = fresh.param_groups[0]
+    assert group["maximize"] is True and group["foreach"] is None and group["fused"] is None
+    assert group["skipped_steps"] == 0
+    copy.grad = torch.ones(3, dtype=torch.float64)
+    fresh.step()
+    assert int(fresh.state[copy]["step"]) == 2
+
+
+# --- autograd --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [{}, {"foreach": True}, {"foreach": False}, {"fused": True}],
+                         ids=["kernel", "multi_tensor", "reference", "fused"])
+def test_steps_on_parameters_that_require_grad_build_no_graph(path):
+    params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
+    opt = adapters.MVNGrad(params, lr=1e-2, weight_decay=0.1, coupled_weight_decay=True, **path)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p in params:
+        assert p.grad_fn is None and p.requires_grad
+        assert all(not v.requires_grad and v.grad_fn is None for v in opt.state[p].values())

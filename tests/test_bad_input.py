@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -126,7 +128,9 @@ def test_weight_decay_needs_params(name):
 
 
 OUT_OF_RANGE = [("lr", -1e-3), ("lr", float("nan")), ("lr", float("inf")), ("eps", -1.0),
-                ("eps", 0.0), ("eps", 1e-46),
+                ("eps", 0.0), ("eps", 1e-46), ("eps", 2.0 ** -126), ("eps", 5e-20),
+                # beyond float32, the narrowest dtype a step computes in: Inf * 0 is NaN
+                ("lr", 1e39), ("eps", 1e39), ("eps_s", 1e39), ("weight_decay", 1e39),
                 ("eps_s", -1e-16), ("weight_decay", -0.1), ("b1", 1.0), ("b1", -0.1),
                 ("b2", 1.5), ("b2_min", 1.0), ("b2_max", -0.5), ("momentum", 1.0)]
 
@@ -136,8 +140,23 @@ def test_hyperparameter_out_of_range(name, value):
     owners = [r for r in mvn_core.rules.values() if name in r.defaults]
     assert owners
     for rule in owners:
-        _refused(rule, ValueError, f"{name}={value!r} is out of range", params=_params(),
-                 **{name: value})
+        _refused(rule, ValueError, f"{name}={re.escape(repr(value))} is out of range",
+                 params=_params(), **{name: value})
+
+
+def test_the_smallest_and_largest_numbers_in_range_are_taken():
+    rule = mvn_core.rules["mvn"]
+    state = rule.init(_params())
+    rule.update(state, _grads(), _params(), eps=2.0 ** -64, eps_s=0.0, lr=3.4e38,
+                weight_decay=3.4e38)
+
+
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "eps"])
+def test_an_integer_beyond_every_float_is_out_of_range(name):
+    """Not Python's OverflowError: the range check's ValueError."""
+    rule = mvn_core.rules["adam"]
+    _refused(rule, ValueError, f"{name} \\(an integer of 401 digits\\) is out of range",
+             params=_params(), **{name: 10 ** 400})
 
 
 def test_b2_min_above_b2_max():
@@ -183,6 +202,14 @@ def test_apply_updates_checks_structure():
         mvn_core.apply_updates(_params(), [np.ones((3, 2)), np.ones(3)])
 
 
+@pytest.mark.parametrize("bad", [np.array([1 + 2j]), np.array([1]), np.array([True])],
+                         ids=["complex", "int", "bool"])
+def test_apply_updates_checks_the_updates_dtype(bad):
+    """A complex update would lose its imaginary part in a real parameter."""
+    with pytest.raises(TypeError, match=r"updates\[0\] has dtype .*real floating"):
+        mvn_core.apply_updates([np.zeros(1)], [bad])
+
+
 def test_state_fields_that_are_not_tuples_of_arrays(rule):
     state = rule.init(_params())
     broken = state._replace(**{state._fields[-1]: list(state[-1])})
@@ -194,12 +221,28 @@ def test_state_fields_that_are_not_tuples_of_arrays(rule):
             rule.update(broken, _grads(), _params())
 
 
+@pytest.mark.parametrize("elsewhere", ["state", "lr"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_state_on_another_device(name):
+def test_state_or_array_hyperparameter_on_another_device(name, elsewhere):
     xp = pytest.importorskip("array_api_strict")
     rule = mvn_core.rules[name]
     here, there = xp.Device("CPU_DEVICE"), xp.Device("device1")
     params = [xp.ones((3, 2), device=here)]
-    state = rule.init([xp.ones((3, 2), device=there)])
-    with pytest.raises(ValueError, match=r"state\.\w+ is on device .*device1.* but grads\[0\]"):
-        rule.update(state, params, params)
+    state = rule.init([xp.ones((3, 2), device=there if elsewhere == "state" else here)])
+    lr = xp.asarray(0.1, device=there if elsewhere == "lr" else here)
+    with pytest.raises(ValueError,
+                       match=r"(state\.\w+|lr) is on device .*device1.* but grads\[0\]"):
+        rule.update(state, params, params, lr=lr)
+
+
+def test_a_torch_cpu_scalar_hyperparameter_is_taken_with_any_device():
+    """PyTorch computes with a 0-d CPU tensor on any device, as with a number; the check
+    lets it through (here beside meta tensors, the device every build has)."""
+    torch = pytest.importorskip("torch")
+    params = [torch.ones(3, device="meta")]
+    state = mvn_core.adam_init(params)
+    updates, _ = mvn_core.adam_update(state, params, params, lr=torch.tensor(0.1))
+    assert updates[0].device.type == "meta"
+    with pytest.raises(ValueError, match="lr is on device meta but grads"):
+        mvn_core.adam_update(mvn_core.adam_init([torch.ones(3)]), [torch.ones(3)],
+                             lr=torch.tensor(0.1, device="meta"))

@@ -274,6 +274,22 @@ def test_maxva_with_full_weight_and_the_gradient_at_its_mean():
     assert np.all(np.isfinite(updates[0])) and np.all(np.isfinite(state.v[0]))
 
 
+def test_rectified_adabelief_at_a_late_count_with_b2_near_one():
+    """The rectification ratio of three numbers up to 2/(1 - b2) ~ 2**51 overflowed
+    float32 as a product (Inf / Inf), which zeroed the step; as a product of three
+    bounded ratios it is the float64 step, to float32's resolution of rho_t there."""
+    steps = {}
+    for dtype in (np.float32, np.float64):
+        state = mvn_core.adabelief_init([np.zeros(3, dtype=dtype)])
+        state = state._replace(count=np.asarray(2 ** 30, dtype=np.int32))
+        for _ in range(3):
+            updates, state = mvn_core.adabelief_update(
+                state, [np.full(3, 0.5, dtype=dtype)], rectify=True, b2=1 - 2.0 ** -50)
+        steps[dtype] = updates[0].astype(np.float64)
+    assert np.all(steps[np.float64] < 0)
+    np.testing.assert_allclose(steps[np.float32], steps[np.float64], rtol=0.25)
+
+
 def test_jax_without_x64_agrees_with_numpy_float32():
     """The suite enables x64; a user's default JAX (float32 only) is checked apart."""
     pytest.importorskip("jax")
@@ -322,3 +338,76 @@ def test_jax_params_sharded_differently_over_the_same_devices():
     run = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["[True,", "True]"] * 2
+
+
+# --- half-precision parameters ------------------------------------------------------------
+
+HALF = [("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16"), ("jax", "float16"),
+        ("jax", "bfloat16")]
+
+
+@pytest.mark.parametrize("library,dtype", HALF, ids=[f"{lib}-{d}" for lib, d in HALF])
+def test_half_precision_params_get_float32_state_unless_told_otherwise(library, dtype):
+    lib = backends.get(library)
+    if lib.unavailable_reason():
+        pytest.skip(lib.unavailable_reason())
+    xp = lib.namespace()
+    params = [lib.from_numpy(np.ones(s), dtype=dtype) for s in [(3, 2), ()]]
+    for name in [n for n in RULES if n != "gan"]:
+        rule = mvn_core.rules[name]
+        for b in [b for f in rule.init(params)[1:] for b in f]:
+            assert b.dtype == xp.float32
+        explicit = [b for f in rule.init(params, state_dtype=dtype)[1:] for b in f]
+        assert any(b.dtype == getattr(xp, dtype) for b in explicit)  # the explicit dtype wins
+    wide = [lib.from_numpy(np.ones(3), dtype="float64")]
+    assert mvn_core.adam_init(wide).m[0].dtype == xp.float64
+
+
+@pytest.mark.parametrize("name", [n for n in RULES if n != "gan"])
+def test_float16_params_with_small_gradients_step_as_in_float64(name):
+    """At g ~ 1e-4 a float16 second moment (~1e-8, below float16's normal range) was
+    rounded to a few bits or to zero: the updates came out up to hundreds of times the
+    float64 ones.  With the default float32 state they are the float64 ones, rounded to
+    float16."""
+    rule = mvn_core.rules[name]
+    rng = np.random.default_rng(7)
+    values = rng.standard_normal((8, 8))
+    half, wide = [values.astype(np.float16)], [values.astype(np.float16).astype(np.float64)]
+    state_half, state_wide = rule.init(half), rule.init(wide)
+    lr = 10.0 if name == "sgd" else 1e-3  # updates within float16's normal range
+    for _ in range(20):
+        g = (1e-4 * rng.standard_normal((8, 8))).astype(np.float16)
+        up_half, state_half = rule.update(state_half, [g], half, lr=lr)
+        up_wide, state_wide = rule.update(state_wide, [g.astype(np.float64)], wide, lr=lr)
+    reference = up_wide[0]
+    error = np.max(np.abs(up_half[0].astype(np.float64) - reference))
+    assert error <= 2e-3 * np.max(np.abs(reference))  # float16 rounding of the update (2**-11)
+
+
+# --- autograd ----------------------------------------------------------------------------
+
+def _readme_snippet(containing):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = readme.split("```python\n")[1:]
+    found = [b.split("```")[0] for b in blocks if containing in b.split("```")[0]]
+    assert len(found) == 1, f"README has {len(found)} python blocks with {containing!r}"
+    return found[0]
+
+
+def test_the_documented_idiom_for_parameters_that_require_grad():
+    """The pure functions are differentiable (nothing stops autograd), so with params
+    that require grad and coupled weight decay the state carries every step's graph;
+    README's contract shows the ``torch.no_grad()`` idiom, which keeps it plain."""
+    torch = pytest.importorskip("torch")
+    namespace = {}
+    exec(_readme_snippet("torch.no_grad()"), namespace)
+    state = namespace["state"]
+    assert int(state.count) == 3
+    assert all(not a.requires_grad and a.grad_fn is None
+               for field in state[1:] for a in field)
+    params, grads = namespace["params"], [torch.ones_like(p) for p in namespace["params"]]
+    _, traced = mvn_core.mvn_update(state, grads, params, weight_decay=0.01,
+                                    coupled_weight_decay=True)  # without the idiom
+    assert traced.m[0].grad_fn is not None

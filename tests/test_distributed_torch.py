@@ -183,3 +183,10 @@ def test_fsdp_example_trains_and_resumes():
     losses = [float(line.split()[-1]) for line in output.splitlines() if line.startswith("step")]
     assert len(losses) >= 3 and losses[-1] < 0.5 * losses[0]
     assert "identical after 20 more steps: True" in output
+
+
+@pytest.mark.parametrize("name", ["mvn", "novograd"])
+def test_fsdp2_a_nan_in_one_process_shard_skips_the_step_on_every_process(run, name):
+    record = _section(run, "skip")[name]
+    assert record["processes"] == [{"skipped": [1], "unchanged": True}] * 2
+    assert record["moved_after"]

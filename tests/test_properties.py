@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import mvn_core
@@ -38,7 +38,8 @@ from mvn_core.conformance.tolerance import kappa, machine_eps
 OPTIMIZERS = [name for name, rule in mvn_core.rules.items() if rule.kind == "optimizer"]
 STEPS = 3
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
 LARGEST = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38,
            "float64": 1.7976e308}
 SMALLEST_SUBNORMAL = {"float16": 2.0 ** -24, "bfloat16": 2.0 ** -133, "float32": 2.0 ** -149,
@@ -58,23 +59,36 @@ shapes = st.lists(st.integers(0, 4), max_size=3).map(tuple)
 betas = st.floats(0.0, 0.9999)  # hypothesis tries the ends, 0 and 0.9999, by itself
 # eps-like constants from 1e-16 to 1e-3, log-uniform: a mantissa and a decimal exponent.
 eps_values = st.builds(lambda k, m: m * 10.0 ** k, st.integers(-16, -4), st.floats(1.0, 9.99))
+BETA_NAMES = ("b1", "b2", "b2_min", "b2_max", "momentum")
+# Typical values, in range with every eps at least 1e-16.
+TYPICAL = {"lr": st.integers(-7, 0).map(lambda k: 0.0 if k == -7 else 10.0 ** k),
+           "beta": betas, "eps": eps_values, "eps_s": eps_values,
+           "weight_decay": st.sampled_from([0.0, 1e-4, 0.1])}
+# Everything the range check accepts within the magnitudes of the finite-output guarantee
+# (lr, weight_decay, eps and eps_s at most 1): numbers are drawn wider than the check's
+# range and filtered by the check itself, so that the property follows the check.
+unit = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.999, 1 - 2.0 ** -24, 1 - 2.0 ** -53]),
+                 st.floats(0.0, 1.0, exclude_max=True))
+tiny_to_one = st.one_of(  # log-uniform, from below float32's smallest normal number to 1
+    st.sampled_from([0.0, 2.0 ** -149, 2.0 ** -126, 2.0 ** -100, 2.0 ** -64, 1e-16, 1e-8, 1.0]),
+    st.floats(-150.0, 0.0).map(lambda k: 2.0 ** k))
+zero_to_one = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
+WHOLE_RANGE = {"lr": zero_to_one, "beta": unit, "eps": tiny_to_one, "eps_s": tiny_to_one,
+               "weight_decay": zero_to_one}
 
 
 @st.composite
-def hyperparameters(draw, rule: str) -> dict:
-    """Values in range for every hyperparameter ``rule`` takes (eps >= 1e-16)."""
+def hyperparameters(draw, rule: str, values: dict = TYPICAL) -> dict:
+    """Values for every hyperparameter ``rule`` takes, from ``values`` (one strategy per
+    name; ``"beta"`` for every beta); combinations the range check refuses are not drawn."""
     h = {}
     for name, default in mvn_core.rules[rule].defaults.items():
         if isinstance(default, bool):
             h[name] = draw(st.booleans())
-        elif name == "lr":
-            h[name] = draw(st.integers(-7, 0).map(lambda k: 0.0 if k == -7 else 10.0 ** k))
-        elif name in ("b1", "b2", "b2_min", "b2_max", "momentum"):
-            h[name] = draw(betas)
-        elif name in ("eps", "eps_s"):
-            h[name] = draw(eps_values)
-        elif name == "weight_decay":
-            h[name] = draw(st.sampled_from([0.0, 1e-4, 0.1]))
+        elif name in BETA_NAMES:
+            h[name] = draw(values["beta"])
+        elif name in values:
+            h[name] = draw(values[name])
         elif name == "center":
             h[name] = draw(st.sampled_from(["tensor", "channel"]))
         elif name == "scale":
@@ -83,6 +97,10 @@ def hyperparameters(draw, rule: str) -> dict:
         h["b2_min"], h["b2_max"] = sorted((h["b2_min"], h["b2_max"]))
     if h.get("nesterov") and h["momentum"] == 0.0:
         h["nesterov"] = False
+    try:
+        mvn_core.rules[rule].check_hyperparameters(**h)
+    except ValueError:
+        assume(False)
     return h
 
 
@@ -163,18 +181,24 @@ def problems(draw, rules, dtype, state_dtype=None, kinds=KINDS):
 # g / sqrt(eps_s) when the residual variance vanishes (claim 3 of its paper), whatever
 # the gradients' size: a float16 state cannot hold it (use state_dtype="float32").
 HALF_STATE_RULES = [name for name in mvn_core.rules if name != "mvn"]
+# float16 params get float32 state by default; an explicit float16 state is checked too.
 CASES = [("numpy", "float64", None), ("numpy", "float32", None),
-         ("torch", "float16", "float32"), ("torch", "bfloat16", None), ("torch", "float16", None)]
+         ("torch", "float16", None), ("torch", "bfloat16", None), ("torch", "float16", "float16")]
+
+
+def _default_state_dtype(dtype: str) -> str:
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
 
 
 @pytest.mark.parametrize("backend,dtype,state_dtype", CASES,
-                         ids=[f"{b}-{d}-state_{s or d}" for b, d, s in CASES])
+                         ids=[f"{b}-{d}-state_{s or _default_state_dtype(d)}" for b, d, s in CASES])
 def test_finite_inputs_never_give_nan_or_inf(backend, dtype, state_dtype):
     reason = backends.get(backend).unavailable_reason()
     if reason:
         pytest.skip(reason)
     lib = backends.get(backend)
-    rules = HALF_STATE_RULES if (state_dtype or dtype) == "float16" else list(mvn_core.rules)
+    state = state_dtype or _default_state_dtype(dtype)
+    rules = HALF_STATE_RULES if state == "float16" else list(mvn_core.rules)
 
     @settings(max_examples=150, **SETTINGS)
     @given(problems(rules, dtype, state_dtype))
@@ -188,6 +212,75 @@ def test_finite_inputs_never_give_nan_or_inf(backend, dtype, state_dtype):
                 assert not np.any(np.isnan(u)), f"{rule} update has NaN: {u}"
                 if dtype in ("float32", "float64"):
                     assert np.all(np.isfinite(u)), f"{rule} update not finite: {u}"
+
+    check()
+
+
+# --- finite in, finite out, over the whole range the core accepts ---------------------------
+
+# The count starts at 0 or just below 2**31 - 1, where it must saturate.
+def _gradient_steps(rng, kind, shape, limit, steps):
+    """``steps`` gradients of one tensor: the kinds of :func:`_values`, and the extremes
+    that make a second moment vanish or overflow: ``limit`` itself then zeros (a spike),
+    one gradient repeated (no variance), and a sign that flips."""
+    if kind == "spike":
+        first = limit * rng.choice([-1.0, 1.0], size=shape)
+        return [first] + [np.zeros(shape)] * (steps - 1)
+    if kind == "constant":
+        return [np.full(shape, limit * rng.uniform(-1, 1))] * steps
+    if kind == "flip":
+        return [(-1.0) ** t * np.full(shape, limit) for t in range(steps)]
+    return [np.clip(_values(rng, kind, shape, rng.integers(-30, 31), "float32"), -limit, limit)
+            for _ in range(steps)]
+
+
+WHOLE_RANGE_CASES = [("numpy", "float32"), ("numpy", "float64"), ("torch", "bfloat16"),
+                     ("torch", "float16")]
+
+
+@pytest.mark.parametrize("backend,dtype", WHOLE_RANGE_CASES,
+                         ids=[f"{b}-{d}" for b, d in WHOLE_RANGE_CASES])
+def test_finite_inputs_never_give_nan_or_inf_over_the_whole_range(backend, dtype):
+    """Every rule of the registry.  Half-precision params keep float32 state (the
+    default): the state stays finite, and an update may exceed float16's range (65504)
+    only as +-Inf, never NaN."""
+    reason = backends.get(backend).unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    lib = backends.get(backend)
+    xp = lib.namespace()
+
+    @settings(max_examples=250 if backend == "numpy" else 80, **SETTINGS)
+    @given(st.sampled_from(list(mvn_core.rules)), st.data())
+    def check(rule_name, data):
+        rule = mvn_core.rules[rule_name]
+        hyper = data.draw(hyperparameters(rule_name, WHOLE_RANGE))
+        rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+        tensor_shapes = [data.draw(shapes) for _ in range(2)]
+        # |g| + weight_decay |theta| within the limit: each within half of it
+        limits = [gradient_limit(dtype, math.prod(s), _default_state_dtype(dtype)) / 2
+                  for s in tensor_shapes]
+        kinds = st.sampled_from(KINDS + ("spike", "constant", "flip"))
+        per_tensor = [_gradient_steps(rng, data.draw(kinds), s, limit, 4)
+                      for s, limit in zip(tensor_shapes, limits)]
+        params = _to(lib, [np.clip(limit * rng.uniform(-1, 1, s), -limit, limit)
+                           for s, limit in zip(tensor_shapes, limits)], dtype)
+        state = rule.init(params)
+        count = data.draw(st.sampled_from([0, 2 ** 31 - 3]))
+        state = state._replace(count=xp.asarray(count, dtype=xp.int32))
+        for grads in zip(*per_tensor):
+            grads = _to(lib, list(grads), dtype)
+            if rule.kind == "transform":
+                updates, state = rule.update(state, grads, **hyper)
+            else:
+                updates, state = rule.update(state, grads, params, **hyper)
+            for b in _as_numpy(lib, [b for f in state[1:] if isinstance(f, tuple) for b in f]):
+                assert np.all(np.isfinite(b)), (rule_name, hyper, b)
+            for u in _as_numpy(lib, updates):
+                assert not np.any(np.isnan(u)), (rule_name, hyper, u)
+                if dtype != "float16":
+                    assert np.all(np.isfinite(u)), (rule_name, hyper, u)
+        assert 1 <= int(lib.to_numpy(state.count)) <= 2 ** 31 - 1
 
     check()
 
@@ -229,6 +322,7 @@ def test_power_of_two_scale_equivariance(dtype):
         c = 2.0 ** k
         scaled_hyper = dict(hyper, **{name: hyper[name] * c ** power
                                       for name, power in EPS_POWER[rule].items()})
+        assume(scaled_hyper.get("eps", 1.0) >= 2.0 ** -64)  # the range check's floor
         lib = backends.get("numpy")
         base, _ = _run(rule, lib, [np.zeros(shape)], grads, hyper, dtype)
         scaled, _ = _run(rule, lib, [np.zeros(shape)], [[c * g[0]] for g in grads],

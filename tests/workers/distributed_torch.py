@@ -422,6 +422,37 @@ def _resume_from_one_process(name, path):
         model, make_optimizer(name, model.parameters(), **optimizer_options(name)), path, my_part)
 
 
+def skip_runs():
+    """``skip_nonfinite=True`` on an FSDP2-sharded net, with a NaN in one process's shard
+    of one gradient: every process must skip the step (the flag is reduced over the
+    processes), and the next finite step must move the params."""
+    records = {}
+    for name in ("mvn", "novograd"):
+        model = sharded_net()
+        opt = make_optimizer(name, model.parameters(), skip_nonfinite=True)
+        data = batches(2)
+        train(model, opt, data[:1], my_part)
+        before = _params(model)
+        x, y = data[1]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(my_part(x)), my_part(y)).backward()
+        if rank() == 1:
+            shard = next(p.grad.to_local() for p in model.parameters()
+                         if p.grad.to_local().numel())
+            shard.view(-1)[0] = float("nan")
+        opt.step()
+        after = _params(model)
+        mine = {"skipped": [group["skipped_steps"] for group in opt.param_groups],
+                "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
+        processes = [None] * world()
+        dist.all_gather_object(processes, mine)
+        train(model, opt, data[1:], my_part)
+        moved = _params(model)
+        records[name] = {"processes": processes,
+                         "moved_after": any(not torch.equal(after[k], moved[k]) for k in after)}
+    return records
+
+
 def _another_rule_refused():
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
@@ -440,7 +471,7 @@ def _another_rule_refused():
 def main(out, one_process_checkpoint):
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     report = {}
-    checks = {"fsdp": fsdp_runs, "pure": pure_functions, "ddp": ddp_runs,
+    checks = {"fsdp": fsdp_runs, "pure": pure_functions, "ddp": ddp_runs, "skip": skip_runs,
               "checkpoint": lambda: checkpoints(out, one_process_checkpoint)}
     for name, check in checks.items():
         try:
