@@ -18,7 +18,7 @@ Implemented, with the 2023.12 semantics, for real floating, integer and boolean 
 - creation: ``asarray``, ``zeros``, ``zeros_like``, ``ones_like``, ``full_like``;
 - elementwise: ``sqrt``, ``log``, ``expm1``, ``isfinite``, ``where``, ``clip``;
 - reduction and manipulation: ``sum``, ``stack``;
-- data types: ``astype``, ``result_type``, ``isdtype``, ``finfo``; ``float16``,
+- data types: ``astype``, ``result_type``, ``isdtype``, ``finfo``, ``iinfo``; ``float16``,
   ``bfloat16`` (not in the standard), ``float32``, ``float64``, ``int32``, ``int64``,
   ``bool``;
 - ``__array_namespace_info__()``: devices, default device, dtypes.
@@ -318,6 +318,18 @@ def finfo(type: Any, /) -> finfo_object:
     info = ml_dtypes.finfo(dtype.as_numpy_dtype)
     return finfo_object(int(info.bits), float(info.eps), float(info.max), float(info.min),
                         float(info.smallest_normal), dtype)
+
+
+class iinfo_object(NamedTuple):
+    bits: int
+    max: int
+    min: int
+    dtype: tf.DType
+
+
+def iinfo(type: Any, /) -> iinfo_object:
+    dtype = type.dtype if isinstance(type, Array) else type
+    return iinfo_object(dtype.size * 8, int(dtype.max), int(dtype.min), dtype)
 
 
 # --- inspection ------------------------------------------------------------------------------
