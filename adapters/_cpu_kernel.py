@@ -169,10 +169,7 @@ def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
     launches, rest = [], []
     element, per_tensor = split_buffers(tensor_rule, columns)
     for members, dtype in same_dtypes(xp, tensor_rule, params, grads, columns):
-        first = members[0]
-        names = [params[first].dtype, grads[first].dtype, (element or per_tensor)[0][first].dtype]
-        names += [per_tensor[0][first].dtype] if per_tensor else []
-        names = tuple(str(n).rsplit(".", 1)[-1] for n in names)
+        names = dtype_names(params, grads, element, per_tensor, members[0])
         if not (supports(names) and all(takes(i) for i in members)):
             rest += members
             continue
@@ -185,19 +182,27 @@ def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
 
 
 def run(xp, tensor_rule, launches: list[Launch], params, grads, columns, decays,
-        address: Callable[[Any], int], numel: Callable[[Any], int], statistics=None,
+        address: Callable[[Any], int], numel: Callable[[Any], int], given=None,
         threads: int | None = None, negate_grad: bool = False) -> None:
     """Launch the kernels of :func:`plan` (with its ``negate_grad``).  ``address(array)``
     is an array's data pointer, ``numel(array)`` its number of elements;
-    ``statistics``: the rule's statistic per tensor where it is not to be taken of
-    ``grads`` (local shards of sharded tensors), else None."""
+    ``given``: the rule's statistic per tensor where it is not to be taken of ``grads``
+    (local shards of sharded tensors), else None."""
     element, per_tensor = split_buffers(tensor_rule, columns)
     for members, dtype, names, c in launches:
-        stats = _statistics(xp, tensor_rule, grads, members, dtype, statistics, negate_grad)
+        stats = statistics(xp, tensor_rule, grads, members, dtype, given, negate_grad)
         pointers = [[address(params[i]) for i in members], [address(grads[i]) for i in members]]
         pointers += [[address(column[i]) for i in members] for column in element + per_tensor]
         step(tensor_rule, c, names, decays, [numel(params[i]) for i in members], pointers,
              None if stats is None else address(stats), threads, negate_grad)
+
+
+def dtype_names(params, grads, element, per_tensor, i) -> tuple[str, ...]:
+    """The kernel's dtypes (param, grad, state, state of one value per tensor) of the
+    ``i``-th tensors, by name; ``element`` and ``per_tensor`` as :func:`split_buffers`."""
+    names = [params[i].dtype, grads[i].dtype, (element or per_tensor)[0][i].dtype]
+    names += [per_tensor[0][i].dtype] if per_tensor else []
+    return tuple(str(n).rsplit(".", 1)[-1] for n in names)
 
 
 def same_dtypes(xp, tensor_rule, params, grads, columns) -> list[tuple[list[int], Any]]:
@@ -218,7 +223,7 @@ def split_buffers(tensor_rule, columns) -> tuple[list, list]:
     return ([c for n, c in named if n not in scalar], [c for n, c in named if n in scalar])
 
 
-def _statistics(xp, tensor_rule, grads, members, dtype, given, negate_grad):
+def statistics(xp, tensor_rule, grads, members, dtype, given=None, negate_grad=False):
     """The rule's statistic of each tensor as one float64 array, by the library's own
     reductions (the pure rule's), or None for a rule without one."""
     if tensor_rule.statistic is None:

@@ -46,6 +46,7 @@ from mvn_core._rule import COUNT_MAX
 from mvn_core.registry import Rule
 
 from . import _torch_sharded
+from ._torch_replay import Replay, TrackedState
 from ._common import gan_options, may_overlap_itself
 
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
@@ -81,6 +82,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}")
         super().__init__(params, {**defaults, **hyperparameters})
+        self.state = TrackedState(self.state)
 
     @classmethod
     def torch_defaults(cls) -> dict[str, Any]:
@@ -99,6 +101,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         """As torch's, and a group without an option (saved by an older version, or
         unpickled) gets its default, as ``add_param_group`` gives it."""
         super().__setstate__(state)
+        self.state = TrackedState(self.state)
         for group in self.param_groups:
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
@@ -165,7 +168,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.inference_mode(False), torch.no_grad():
-            plans = [self._plan(group) for group in self.param_groups]
+            plans = [self._replayed(group) or self._plan(group) for group in self.param_groups]
             for group, plan in zip(self.param_groups, plans):
                 if plan is not None:
                     self._apply(group, plan)
@@ -239,7 +242,43 @@ class RuleOptimizer(torch.optim.Optimizer):
                          "parameter was changed after its state was made (p.data = ...?); "
                          "load or reset its state to match")
 
-    def _apply(self, group: dict[str, Any], plan: _Plan) -> None:
+    def _replayed(self, group: dict[str, Any]) -> Any:
+        """The group's step as a replay of its prepared kernel step (checked, ready to
+        run), or None: the full step then runs (:mod:`._torch_replay`)."""
+        replay = self._replays.get(id(group))
+        if replay is None or self.path_of(group) not in ("kernel", "fused") or group["gan"]:
+            return None
+        grads = replay.grads_if_unchanged(group, self.state)
+        if grads is None:
+            return None
+        self._check_group(group)
+        hyper = self._rule_hyperparameters(group)
+        _check_hyperparameter_devices(hyper, replay.params[0])
+        if group["skip_nonfinite"] and not _all_finite(grads):
+            return _Plan(hyper, skipped=True)
+        return replay.ready(grads, hyper, group["maximize"])
+
+    @property
+    def _replays(self) -> dict:
+        """Each group's prepared kernel step, by ``id`` of the group."""
+        return self.__dict__.setdefault("_prepared_steps", {})
+
+    def _prepare_replay(self, group: dict[str, Any], plan: _Plan) -> None:
+        self._replays.pop(id(group), None)
+        if (len(plan.batches) != 1 or self.path_of(group) not in ("kernel", "fused")
+                or group["gan"]):
+            return
+        params, grads, columns, count = plan.batches[0]
+        if len(params) == len(group["params"]):
+            replay = Replay.prepare(self.rule, params, grads, columns, self.state[params[0]][STEP],
+                                    self.state)
+            if replay is not None:
+                self._replays[id(group)] = replay
+
+    def _apply(self, group: dict[str, Any], plan: Any) -> None:
+        if not isinstance(plan, _Plan):  # a replay, ready to run
+            plan.run()
+            return
         if plan.skipped:
             group[SKIPPED] += 1
             return
@@ -257,6 +296,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 for name, column in zip(names, columns):
                     self.state[p][name] = column[i]
             self._checked.update((id(p), weakref.ref(count)) for p in batch)
+        self._prepare_replay(group, plan)
 
     @property
     def _checked(self) -> dict:
