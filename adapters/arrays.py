@@ -476,13 +476,8 @@ def _on_off(value: Any) -> str:
 OPTIMIZERS: Mapping[str, type[ArrayOptimizer]] = MappingProxyType(
     {name: optimizer_class(rule) for name, rule in rules.items() if rule.kind == "optimizer"})
 
-MVNGrad = OPTIMIZERS["mvn"]
-MaxVA = OPTIMIZERS["maxva"]
-NovoGrad = OPTIMIZERS["novograd"]
-Adam = OPTIMIZERS["adam"]
-AdaBelief = OPTIMIZERS["adabelief"]
-LaProp = OPTIMIZERS["laprop"]
-SGD = OPTIMIZERS["sgd"]
-
-__all__ = ["ArrayOptimizer", "optimizer_class", "OPTIMIZERS", "LIBRARIES",
-           "MVNGrad", "MaxVA", "NovoGrad", "Adam", "AdaBelief", "LaProp", "SGD"]
+__all__ = ["ArrayOptimizer", "optimizer_class", "OPTIMIZERS", "LIBRARIES"]
+for _cls in OPTIMIZERS.values():  # MVNGrad, Adam, ...: every registered optimizer
+    globals()[_cls.__name__] = _cls
+    __all__.append(_cls.__name__)
+del _cls

@@ -266,13 +266,8 @@ def _class_doc(rule: Rule) -> str:
 OPTIMIZERS: Mapping[str, type[RuleOptimizer]] = MappingProxyType(
     {name: optimizer_class(rule) for name, rule in rules.items() if rule.kind == "optimizer"})
 
-MVNGrad = OPTIMIZERS["mvn"]
-MaxVA = OPTIMIZERS["maxva"]
-NovoGrad = OPTIMIZERS["novograd"]
-Adam = OPTIMIZERS["adam"]
-AdaBelief = OPTIMIZERS["adabelief"]
-LaProp = OPTIMIZERS["laprop"]
-SGD = OPTIMIZERS["sgd"]
-
-__all__ = ["RuleOptimizer", "optimizer_class", "OPTIMIZERS",
-           "MVNGrad", "MaxVA", "NovoGrad", "Adam", "AdaBelief", "LaProp", "SGD"]
+__all__ = ["RuleOptimizer", "optimizer_class", "OPTIMIZERS"]
+for _cls in OPTIMIZERS.values():  # MVNGrad, Adam, ...: every registered optimizer
+    globals()[_cls.__name__] = _cls
+    __all__.append(_cls.__name__)
+del _cls

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import textwrap
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,8 @@ from mvn_core._rule import check_state_type
 
 from ._common import check_with_learning_rate
 
-__all__ = [
-    "mvn_grad", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd", "gan",
-    "scale_by_mvn", "scale_by_maxva", "scale_by_novograd", "scale_by_adam",
-    "scale_by_adabelief", "scale_by_laprop", "scale_by_sgd",
-]
+__all__ = ["transformation", "scale_by"]  # and, below, every registered rule's factories
+
 
 def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate: Any = None,
                     negate: bool = False, state_dtype: Any = None,
@@ -111,8 +109,23 @@ def _leaves_like(treedef: Any, tree: Any, label: str) -> list:
 
 # ---- the public factories: their signatures and documentation come from the rules
 
-def _optimizer(public_name: str, rule_name: str) -> Callable[..., optax.GradientTransformation]:
-    rule = mvn_core.rules[rule_name]
+def transformation(rule: mvn_core.Rule | str) -> Callable[..., optax.GradientTransformation]:
+    """The factory of ``rule``'s transformation (a :class:`mvn_core.Rule`, a user's made
+    with :func:`mvn_core.define_rule`, or a registered rule's name): for an optimizer,
+    called as ``optax.adam`` is (``learning_rate`` first, its updates include it); for
+    a gradient transform (GAN), with its options."""
+    rule = mvn_core.rules[rule] if isinstance(rule, str) else rule
+    if rule.kind == "optimizer":
+        return _optimizer(rule.function_name, rule)
+    return _gradient_transform(rule)
+
+
+def scale_by(rule: mvn_core.Rule | str) -> Callable[..., optax.GradientTransformation]:
+    """The factory of ``scale_by_<rule>``: the rule's direction, without learning rate."""
+    return _scale_by(mvn_core.rules[rule] if isinstance(rule, str) else rule)
+
+
+def _optimizer(public_name: str, rule: mvn_core.Rule) -> Callable[..., optax.GradientTransformation]:
     defaults = {name: value for name, value in rule.defaults.items() if name != "lr"}
 
     def make(learning_rate, state_dtype, skip_nonfinite, **hyper):
@@ -124,8 +137,7 @@ def _optimizer(public_name: str, rule_name: str) -> Callable[..., optax.Gradient
                    _optimizer_doc(rule))
 
 
-def _scale_by(rule_name: str) -> Callable[..., optax.GradientTransformation]:
-    rule = mvn_core.rules[rule_name]
+def _scale_by(rule: mvn_core.Rule) -> Callable[..., optax.GradientTransformation]:
     # NovoGrad's weight decay is part of its momentum, hence of its direction.
     dropped = {"lr"} if rule.tensor_rule.decay_inside else {
         "lr", "weight_decay", "coupled_weight_decay"}
@@ -137,11 +149,10 @@ def _scale_by(rule_name: str) -> Callable[..., optax.GradientTransformation]:
                                state_dtype=state_dtype,
                                skip_nonfinite=_flag("skip_nonfinite", skip_nonfinite))
 
-    return _public(f"scale_by_{rule_name}", make, _signature(defaults), _scale_by_doc(rule))
+    return _public(f"scale_by_{rule.name}", make, _signature(defaults), _scale_by_doc(rule))
 
 
-def _gradient_transform(rule_name: str) -> Callable[..., optax.GradientTransformation]:
-    rule = mvn_core.rules[rule_name]
+def _gradient_transform(rule: mvn_core.Rule) -> Callable[..., optax.GradientTransformation]:
 
     def make(skip_nonfinite, **options):
         _check(rule, options)
@@ -152,7 +163,7 @@ def _gradient_transform(rule_name: str) -> Callable[..., optax.GradientTransform
         [_parameter(name, value) for name, value in rule.defaults.items()]
         + [inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False)],
         return_annotation=optax.GradientTransformationExtraArgs)
-    return _public(rule_name, make, signature, _transform_doc(rule))
+    return _public(rule.name, make, signature, _transform_doc(rule))
 
 
 def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None) -> None:
@@ -269,20 +280,11 @@ def _rule_doc(rule: mvn_core.Rule) -> str:
                             doc=textwrap.indent(rule.doc, "    "))
 
 
-mvn_grad = _optimizer("mvn_grad", "mvn")
-maxva = _optimizer("maxva", "maxva")
-novograd = _optimizer("novograd", "novograd")
-adam = _optimizer("adam", "adam")
-adabelief = _optimizer("adabelief", "adabelief")
-laprop = _optimizer("laprop", "laprop")
-sgd = _optimizer("sgd", "sgd")
-
-scale_by_mvn = _scale_by("mvn")
-scale_by_maxva = _scale_by("maxva")
-scale_by_novograd = _scale_by("novograd")
-scale_by_adam = _scale_by("adam")
-scale_by_adabelief = _scale_by("adabelief")
-scale_by_laprop = _scale_by("laprop")
-scale_by_sgd = _scale_by("sgd")
-
-gan = _gradient_transform("gan")
+# Every registered rule's factories, by their public names: <function_name> (mvn_grad,
+# adam, ..., gan) and, for an optimizer, scale_by_<name>.
+FACTORIES: Mapping[str, Callable[..., optax.GradientTransformation]] = MappingProxyType({
+    **{rule.function_name: transformation(rule) for rule in mvn_core.rules.values()},
+    **{f"scale_by_{rule.name}": scale_by(rule) for rule in mvn_core.rules.values()
+       if rule.kind == "optimizer"}})
+globals().update(FACTORIES)
+__all__ += ["FACTORIES", *FACTORIES]

@@ -36,6 +36,7 @@ import math
 import numbers
 import weakref
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -52,9 +53,6 @@ from ._common import gan_options, may_overlap_itself
 OPTIONS = {"maximize": False, "gan": False, "state_dtype": None, "foreach": None,
            "fused": None, "skip_nonfinite": False}
 SKIPPED = "skipped_steps"  # a group's count of steps skipped for non-finite gradients
-# The core's names gathered into torch's ``betas`` pair, per rule that has one.
-BETAS = {"maxva": ("b1", "b2_max"), "mvn": ("b1", "b2"), "novograd": ("b1", "b2"),
-         "adam": ("b1", "b2"), "adabelief": ("b1", "b2"), "laprop": ("b1", "b2")}
 STEP = "step"
 
 
@@ -246,7 +244,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         """The group's step as a replay of its prepared kernel step (checked, ready to
         run), or None: the full step then runs (:mod:`._torch_replay`)."""
         replay = self._replays.get(id(group))
-        if replay is None or self.path_of(group) not in ("kernel", "fused") or group["gan"]:
+        if replay is None or not self._replayable(group):
             return None
         grads = replay.grads_if_unchanged(group, self.state)
         if grads is None:
@@ -258,6 +256,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             return _Plan(hyper, skipped=True)
         return replay.ready(grads, hyper, group["maximize"])
 
+    def _replayable(self, group: dict[str, Any]) -> bool:
+        """A group on the kernel path without GAN (which needs every gradient each step)."""
+        return self.path_of(group) in ("kernel", "fused") and gan_options(group["gan"]) is None
+
     @property
     def _replays(self) -> dict:
         """Each group's prepared kernel step, by ``id`` of the group."""
@@ -265,8 +267,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _prepare_replay(self, group: dict[str, Any], plan: _Plan) -> None:
         self._replays.pop(id(group), None)
-        if (len(plan.batches) != 1 or self.path_of(group) not in ("kernel", "fused")
-                or group["gan"]):
+        if len(plan.batches) != 1 or not self._replayable(group):
             return
         params, grads, columns, count = plan.batches[0]
         if len(params) == len(group["params"]):
@@ -562,11 +563,18 @@ def _split_by(items, key) -> list[list]:
     return list(out.values())
 
 
-def _make_class(rule: Rule) -> type:
-    name = rule.class_name
+def optimizer_class(rule: Rule | str, name: str | None = None) -> type[RuleOptimizer]:
+    """The ``torch.optim.Optimizer`` class of ``rule`` (a :class:`mvn_core.Rule`, a user's
+    made with :func:`mvn_core.define_rule`, or a registered rule's name), called
+    ``name`` (default: the rule's ``class_name``).  The pair the rule declares as
+    ``betas`` is passed as torch's ``betas``."""
+    rule = mvn_core.rules[rule] if isinstance(rule, str) else rule
+    if rule.kind != "optimizer":
+        raise ValueError(f"{rule.name} is a gradient {rule.kind}, not an optimizer: put it in "
+                         "front of one with its gan=... option")
+    name = name or rule.class_name
     cls = type(name, (RuleOptimizer,), {
-        "rule": rule, "beta_names": BETAS.get(rule.name, ()), "__module__": __name__,
-        "__qualname__": name,
+        "rule": rule, "beta_names": rule.betas, "__module__": __name__, "__qualname__": name,
     })
     defaults = cls.torch_defaults()
     parameters = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -576,16 +584,15 @@ def _make_class(rule: Rule) -> type:
     cls.__signature__ = inspect.Signature(parameters)
     cls.__doc__ = (f"{rule.title} as a ``torch.optim.Optimizer`` ({rule.reference}).\n\n"
                    f"Defaults: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}.\n\n"
-                   f"The rule (``mvn_core.{rule.name}_update``):\n\n{rule.doc}")
+                   f"The rule (``{rule.update.__module__}.{rule.name}_update``):\n\n{rule.doc}")
     return cls
 
 
-MVNGrad = _make_class(mvn_core.rules["mvn"])
-MaxVA = _make_class(mvn_core.rules["maxva"])
-NovoGrad = _make_class(mvn_core.rules["novograd"])
-Adam = _make_class(mvn_core.rules["adam"])
-AdaBelief = _make_class(mvn_core.rules["adabelief"])
-LaProp = _make_class(mvn_core.rules["laprop"])
-SGD = _make_class(mvn_core.rules["sgd"])
+OPTIMIZERS = MappingProxyType({rule.name: optimizer_class(rule)
+                               for rule in mvn_core.rules.values() if rule.kind == "optimizer"})
 
-__all__ = ["RuleOptimizer", "MVNGrad", "MaxVA", "NovoGrad", "Adam", "AdaBelief", "LaProp", "SGD"]
+__all__ = ["RuleOptimizer", "optimizer_class", "OPTIMIZERS"]
+for _cls in OPTIMIZERS.values():  # MVNGrad, Adam, ...: every registered optimizer
+    globals()[_cls.__name__] = _cls
+    __all__.append(_cls.__name__)
+del _cls

@@ -20,8 +20,6 @@ from .targets import device_name
 
 NAME = "jax"
 PATH = "jit"
-# Our optax factories, by rule (the others have the rule's name).
-FACTORIES = {"mvn": "mvn_grad"}
 
 
 def device_kind(wanted: str) -> str:
@@ -156,7 +154,7 @@ def _run(make_tx, rule_name: str, work: Workload) -> Stepper:
 def _ours(rule_name, h):
     from mvn_core.adapters import optax as adapters
 
-    factory = getattr(adapters, FACTORIES.get(rule_name, rule_name))
+    factory = adapters.transformation(rule_name)
     return factory(**{("learning_rate" if k == "lr" else k): v for k, v in h.items()})
 
 

@@ -24,17 +24,22 @@ from typing import Any, Callable, NamedTuple
 OURS = "mvn-core"
 SLOW_SHARE = 4  # the reference path runs a quarter of the steps (and of the warm-up)
 LR = 1e-3
-# What every case runs with, ours and the peers alike: the rules' defaults (no weight
-# decay), and momentum for SGD, whose default of 0 would keep no state at all.
-HYPERPARAMETERS = {"sgd": {"momentum": 0.9}}
 
 
 def hyperparameters(rule_name: str) -> dict:
-    """The rule's defaults with the benchmark's settings (see :data:`HYPERPARAMETERS`)."""
+    """What every case of ``rule_name`` runs with, ours and the peers alike: the rule's
+    defaults and its first checked setting without weight decay (SGD's momentum 0.9:
+    its default of 0 keeps no state at all)."""
     import mvn_core
 
     return {**mvn_core.rules[rule_name].defaults, "lr": LR,
-            **HYPERPARAMETERS.get(rule_name, {})}
+            **_first_setting(mvn_core.rules[rule_name])}
+
+
+def _first_setting(rule) -> dict:
+    setting = dict(rule.settings[0]) if rule.settings else {}
+    setting.pop("weight_decay", None)
+    return setting
 
 
 class Stepper(NamedTuple):

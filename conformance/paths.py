@@ -99,10 +99,12 @@ def run_torch_adapter(rule_name, backend, device, dtype, problem, *, options=Non
 
     options = dict(options or {})
 
+    transform = _is_transform(rule_name)
+
     def make(params):
-        if rule_name == "gan":
+        if transform:
             return adapter.SGD(params, lr=1.0, gan=dict(hyper), **options)
-        cls = getattr(adapter, mvn_core.rules[rule_name].class_name)
+        cls = adapter.OPTIMIZERS[rule_name]
         return cls(params, **torch_arguments(cls, hyper), **options)
 
     def step(optimizer, params, grads):
@@ -110,7 +112,12 @@ def run_torch_adapter(rule_name, backend, device, dtype, problem, *, options=Non
             p.grad = g
         optimizer.step()
 
-    return _run_in_place(backend, device, dtype, problem, make, step, rule_name == "gan")
+    return _run_in_place(backend, device, dtype, problem, make, step, transform)
+
+
+def _is_transform(rule_name: str) -> bool:
+    """A gradient transform (GAN) runs as the adapters take it: in front of SGD."""
+    return mvn_core.rules[rule_name].kind == "transform"
 
 
 def torch_arguments(cls, hyper: dict) -> dict:
@@ -126,15 +133,17 @@ def run_arrays_adapter(rule_name, backend, device, dtype, problem, fused=False, 
     """The in-place optimizer of :mod:`mvn_core.adapters.arrays` (NumPy, CuPy)."""
     from mvn_core.adapters import arrays as adapter
 
+    transform = _is_transform(rule_name)
+
     def make(params):
-        if rule_name == "gan":
+        if transform:
             return adapter.SGD(params, lr=1.0, gan=dict(hyper))
         return adapter.OPTIMIZERS[rule_name](params, fused=fused, **hyper)
 
     def step(optimizer, params, grads):
         optimizer.step(grads)
 
-    return _run_in_place(backend, device, dtype, problem, make, step, rule_name == "gan")
+    return _run_in_place(backend, device, dtype, problem, make, step, transform)
 
 
 def _run_in_place(backend, device, dtype, problem, make, step, gan: bool) -> list:
@@ -165,7 +174,7 @@ def run_optax_adapter(rule_name, backend, device, dtype, problem, *, jit=False, 
     import optax
 
     tx = _optax_transformation(rule_name, dict(hyper))
-    gan = rule_name == "gan"
+    gan = _is_transform(rule_name)
 
     def one_step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -187,13 +196,12 @@ def run_optax_adapter(rule_name, backend, device, dtype, problem, *, jit=False, 
 def _optax_transformation(rule_name: str, hyper: dict):
     from mvn_core.adapters import optax as adapter
 
-    if rule_name == "gan":
-        return adapter.gan(**hyper)
-    factory = getattr(adapter, OPTAX_NAMES.get(rule_name, rule_name))
+    factory = adapter.transformation(rule_name)
+    if _is_transform(rule_name):
+        return factory(**hyper)
     return factory(hyper.pop("lr", mvn_core.rules[rule_name].defaults["lr"]), **hyper)
 
 
-OPTAX_NAMES = {"mvn": "mvn_grad"}  # the optax adapter's name of a rule, where it differs
 
 
 def _convert(lib, arrays, device, dtype) -> list:

@@ -17,7 +17,7 @@ gradients) are exactly the oracle's:
 * a state buffer kept as an exponential average with factor ``beta`` accumulates the
   rounding of every step it remembers: after ``t`` steps at most
   ``min(t, 1 / (1 - beta)) * eps`` relative.  The direction inherits the relative
-  error of every buffer it depends on (:data:`MEMORIES`), at most once each (a square
+  error of every buffer it depends on (the rule's ``memories``), at most once each (a square
   root halves it, which is ignored in favour of safety).  In float16 and bfloat16 this
   term is large (with ``b2 = 0.999`` a bfloat16 ``v`` cannot even decrease: 0.999 v
   rounds back to v); the bound stays honest and simply allows much more there;
@@ -35,7 +35,7 @@ Summed over the steps, coordinate by coordinate, with the oracle's own updates
 ``u*_t`` and parameters ``theta*_t``::
 
     |theta_T - theta*_T| <= eps * sum_{t<=T} (kappa_t |u*_t| + |theta*_t|)
-    kappa_t = OPS + reduction(n) + sum_{beta in MEMORIES} min(t, 1 / (1 - beta))
+    kappa_t = OPS + reduction(n) + sum_{beta in memories} min(t, 1 / (1 - beta))
 
 The bound grows with the number of steps, as rounding does.  It assumes an exact
 reference; the float64 oracle is exact enough for float32 and narrower dtypes, and for
@@ -64,19 +64,9 @@ import math
 
 import numpy as np
 
-OPS = 16
+import mvn_core
 
-# The averaging factors of the buffers each rule's direction depends on.
-MEMORIES = {
-    "mvn": ("b1", "b1", "b2"),  # m feeds v through g - m; v feeds z; u averages z
-    "adam": ("b1", "b2"),
-    "laprop": ("b1", "b2"),
-    "adabelief": ("b1", "b2"),
-    "maxva": ("b1", "b2_max"),  # the averaging weight of u, v, w is at most b2_max
-    "novograd": ("b1", "b2"),
-    "sgd": ("momentum",),
-}
-REDUCES = {"novograd"}
+OPS = 16
 
 
 def machine_eps(dtype) -> float:
@@ -107,9 +97,10 @@ def _format(dtype) -> tuple[int, int]:
 
 def kappa(rule: str, hyper: dict, t: int, n: int) -> float:
     """The relative error, in eps, of step ``t``'s update of a tensor of ``n`` entries."""
-    memory = sum(min(t, 1.0 / (1.0 - hyper[name])) for name in MEMORIES[rule])
+    declared = mvn_core.rules[rule]
+    memory = sum(min(t, 1.0 / (1.0 - hyper[name])) for name in declared.memories)
     rectifying = rule == "adabelief" and hyper.get("rectify", False)
-    return (OPS + memory + (reduction(n) if rule in REDUCES else 0.0)
+    return (OPS + memory + (reduction(n) if _reduces(declared) else 0.0)
             + (rectification(hyper["b2"], t) if rectifying else 0.0))
 
 
@@ -120,6 +111,11 @@ def rectification(b2: float, t: int) -> float:
     if rho < 5:
         return 0.0
     return 3.0 * rho_inf * (1.0 / (rho - 4.0) + 1.0 / (rho - 2.0) + 1.0 / rho)
+
+
+def _reduces(rule: mvn_core.Rule) -> bool:
+    """Whether the rule's step takes a reduction over the tensor (a statistic)."""
+    return rule.tensor_rule is not None and rule.tensor_rule.statistic is not None
 
 
 def reduction(n: int) -> float:

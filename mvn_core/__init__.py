@@ -1,7 +1,7 @@
 """mvn-core: optimizer update rules written once against the Python Array API standard.
 
-Every rule ``r`` in ``mvn, gan, maxva, novograd, adam, adabelief, laprop, sgd`` is a pair
-of pure functions::
+Every rule ``r`` of :data:`rules` (``mvn``, ``gan``, ``maxva``, ``novograd``, ``adam``,
+``adabelief``, ``laprop``, ``sgd``, ...) is a pair of pure functions::
 
     state = mvn_core.r_init(params, *, state_dtype=None)
     updates, state = mvn_core.r_update(state, grads, params=None, **hyperparameters)
@@ -10,6 +10,7 @@ of pure functions::
 ``params``/``grads`` are one array or a flat list/tuple of arrays of any Array-API
 namespace (NumPy, PyTorch, JAX, CuPy, array-api-strict, ...).  Nothing is mutated.
 This package imports no array library: the namespace comes from the arrays passed in.
+A new rule is one declaration, :func:`define_rule` (see :mod:`mvn_core.rule`).
 
 The functions are differentiable wherever the library is: on PyTorch params that
 require grad, take a training step under ``torch.no_grad()`` (coupled weight decay
@@ -19,27 +20,18 @@ NaN or an Inf.
 """
 
 from ._nonfinite import all_finite, skip_if_nonfinite
-from ._rule import apply_updates
-from .adabelief import AdaBeliefState, adabelief_init, adabelief_update
-from .adam import AdamState, adam_init, adam_update
-from .gan import GANState, gan_init, gan_update
-from .laprop import LaPropState, laprop_init, laprop_update
-from .maxva import MaxVAState, maxva_init, maxva_update
-from .mvn import MVNState, mvn_init, mvn_update
-from .novograd import NovoGradState, novograd_init, novograd_update
-from .registry import Rule, rules
-from .sgd import SGDState, sgd_init, sgd_update
+from ._rule import apply_updates, bias_corrections, guard, one_minus_power
+from .registry import rules
+from .rule import Hyperparameter, Rule, define_rule
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "apply_updates", "rules", "Rule", "skip_if_nonfinite", "all_finite",
-    "mvn_init", "mvn_update", "MVNState",
-    "gan_init", "gan_update", "GANState",
-    "maxva_init", "maxva_update", "MaxVAState",
-    "novograd_init", "novograd_update", "NovoGradState",
-    "adam_init", "adam_update", "AdamState",
-    "adabelief_init", "adabelief_update", "AdaBeliefState",
-    "laprop_init", "laprop_update", "LaPropState",
-    "sgd_init", "sgd_update", "SGDState",
-]
+__all__ = ["apply_updates", "rules", "Rule", "Hyperparameter", "define_rule",
+           "skip_if_nonfinite", "all_finite", "bias_corrections", "one_minus_power", "guard"]
+
+# Each registered rule's functions and state type: <name>_init, <name>_update, <State>.
+for _rule in rules.values():
+    for _export in (_rule.init, _rule.update, _rule.state_type):
+        globals()[_export.__name__] = _export
+        __all__.append(_export.__name__)
+del _rule, _export

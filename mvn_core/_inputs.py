@@ -11,26 +11,34 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import array_api_compat
 
-# Hyperparameters by the range they must lie in.  The names are the public keyword
-# names of every rule; a rule checks only the ones it takes.
-NON_NEGATIVE = frozenset({"lr", "eps_s", "weight_decay"})
+# The ranges a hyperparameter given as a Python number must lie in, by the name a rule's
+# declaration gives (``Hyperparameter.range``).
+#
 # eps is what keeps 0/0 out of a zero gradient's step, and what bounds a normalized
 # gradient g / (sqrt(v) + eps) where the second moment vanishes (MVN-Grad's residual
 # variance with eps_s = 0, Adam's v after a spike): |g| / eps.  Steps are computed in
 # float32 at least, whose gradients are supported up to sqrt(max) / 4 ~ 2**62 (so that
 # g**2 is finite), and whose largest number is ~2**128: eps >= 2**-64 keeps |g| / eps
 # below 2**126, with room for the averages and bias corrections that follow.
-POSITIVE = frozenset({"eps"})
 EPS_MIN = 2.0 ** -64
 # Python numbers enter the arithmetic as numbers of the compute dtype (float32 at
 # least): a larger one would become Inf there, and Inf * 0 is NaN.
 FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
-UNIT_INTERVAL = frozenset({"b1", "b2", "b2_min", "b2_max", "momentum"})  # [0, 1)
-FLAGS = frozenset({"coupled_weight_decay", "nesterov", "grad_averaging", "rectify"})
+RANGES = {  # what a value must do, as an error message says it
+    "unit": "lie in [0, 1)",
+    "non_negative": f"be >= 0 and at most {FLOAT32_MAX:.4g} (float32's largest number; steps "
+                    "compute in float32 at least)",
+    "eps": f"be at least 2**-64 ({EPS_MIN:.3g}; below it g / eps overflows float32 for "
+           f"gradients of the supported range) and at most {FLOAT32_MAX:.4g}",
+    "flag": "be True or False",
+    "option": "be one of the rule's options",  # the rule's own check says which
+}
+_BOUNDS = {"unit": (0.0, 1.0, False), "non_negative": (0.0, FLOAT32_MAX, True),
+           "eps": (EPS_MIN, FLOAT32_MAX, True)}
 
 
 def is_array(value: Any) -> bool:
@@ -162,8 +170,10 @@ def resolve_dtype(xp: Any, dtype: Any, name: str = "state_dtype") -> Any:
     return dtype
 
 
-def normalise_hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
-    """Check each hyperparameter's type and, for Python numbers, its range.
+def normalise_hyperparameters(values: dict[str, Any], ranges: Mapping[str, str]
+                              ) -> dict[str, Any]:
+    """Check each hyperparameter's type and, for Python numbers, that it lies in its
+    range (``ranges``: by name, a key of :data:`RANGES`).
 
     Returns the values with NumPy scalars turned into Python floats.  Values given as
     0-d arrays are checked for shape and dtype only: they may be traced, and reading
@@ -171,14 +181,17 @@ def normalise_hyperparameters(values: dict[str, Any]) -> dict[str, Any]:
     """
     out = {}
     for name, value in values.items():
-        if name in FLAGS:
+        kind = ranges[name]
+        if kind == "option":
+            out[name] = value
+        elif kind == "flag":
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
             out[name] = value
         elif isinstance(value, bool):
             raise TypeError(f"{name} must be a number or a 0-d array, got {value!r}")
         elif isinstance(value, numbers.Real):
-            out[name] = _checked_number(name, _as_float(name, value))
+            out[name] = _checked_number(name, _as_float(name, value), kind)
         elif is_array(value):
             out[name] = _checked_array(name, value)
         else:
@@ -196,17 +209,10 @@ def _as_float(name: str, value: numbers.Real) -> float:
                          "range: it is larger than any floating-point number") from None
 
 
-def _checked_number(name: str, value: float) -> float:
-    if name in UNIT_INTERVAL and not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r} is out of range: it must lie in [0, 1)")
-    if name in NON_NEGATIVE and not 0.0 <= value <= FLOAT32_MAX:
-        raise ValueError(f"{name}={value!r} is out of range: it must be >= 0 and at most "
-                         f"{FLOAT32_MAX:.4g} (float32's largest number; steps compute in "
-                         "float32 at least)")
-    if name in POSITIVE and not EPS_MIN <= value <= FLOAT32_MAX:
-        raise ValueError(f"{name}={value!r} is out of range: it must be at least 2**-64 "
-                         f"({EPS_MIN:.3g}; below it g / eps overflows float32 for gradients "
-                         f"of the supported range) and at most {FLOAT32_MAX:.4g}")
+def _checked_number(name: str, value: float, kind: str) -> float:
+    low, high, closed = _BOUNDS[kind]
+    if not (low <= value <= high if closed else low <= value < high):
+        raise ValueError(f"{name}={value!r} is out of range: it must {RANGES[kind]}")
     return value
 
 

@@ -10,9 +10,9 @@ the caller's structure.  Fast paths reuse the same two functions on other layout
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from ._inputs import (
     as_array_list,
@@ -212,7 +212,7 @@ def guard(xp: Any, dtype: Any, value: float) -> float:
     return max(value, float(xp.finfo(dtype).smallest_normal))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a kernel cache key
 class TensorRule:
     """A rule computed tensor by tensor from ``direction`` and ``constants``.
 
@@ -236,6 +236,7 @@ class TensorRule:
     decay_inside: bool = False  # weight decay is part of the direction (NovoGrad)
     check: Callable[[dict], None] | None = None  # relations between hyperparameters
     statistic: Callable | None = None  # a per-tensor reduction the direction takes
+    ranges: Mapping[str, str] = field(default_factory=dict)  # hyperparameter -> range name
 
     def __post_init__(self) -> None:
         register_state_type(self.state_type, self.name)
@@ -262,7 +263,7 @@ class TensorRule:
 
     def checked_hyperparameters(self, hyper: dict[str, Any]) -> dict[str, Any]:
         """``hyper`` normalised, or the error an update with them would raise."""
-        hyper = normalise_hyperparameters(hyper)
+        hyper = normalise_hyperparameters(hyper, self.ranges)
         if self.check is not None:
             self.check(hyper)
         return hyper

@@ -3,17 +3,9 @@ arXiv 2010.07468), optionally rectified as in RAdam (Liu et al., arXiv 1908.0326
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-from ._rule import TensorRule, bias_corrections
-
-
-class AdaBeliefState(NamedTuple):
-    """AdaBelief's state: the step count and, per tensor, ``m`` and ``s``."""
-
-    count: Any
-    m: tuple
-    s: tuple
+from ._rule import bias_corrections
+from .rule import Hyperparameter as H
+from .rule import define_rule
 
 
 def _constants(xp, c):
@@ -53,18 +45,25 @@ def _direction(xp, g, p, buffers, c):
     return xp.where(c.rectified, rectified, m * c.inv_bc1), (m, s)
 
 
-ADABELIEF = TensorRule("adabelief", AdaBeliefState, _direction, _constants)
-
-
-def adabelief_init(params: Any, *, state_dtype: Any = None) -> AdaBeliefState:
-    """Zero state for :func:`adabelief_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
-    return ADABELIEF.init(params, state_dtype)
-
-
-def adabelief_update(state: AdaBeliefState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
-                     b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-16, weight_decay: Any = 0.0,
-                     rectify: bool = False):
-    """One AdaBelief step.  Returns ``(updates, new_state)``::
+ADABELIEF = define_rule(
+    "adabelief", title="AdaBelief", class_name="AdaBelief",
+    reference="Zhuang et al., arXiv 2010.07468 (2020)",
+    direction=_direction,
+    constants=_constants,
+    buffers=("m", "s"),
+    hyperparameters={
+        "lr": H(1e-3),
+        "b1": H(0.9, "unit"),
+        "b2": H(0.999, "unit"),
+        "eps": H(1e-16, "eps"),
+        "weight_decay": H(0.0),
+        "rectify": H(False, "flag"),
+    },
+    betas=("b1", "b2"),
+    settings=({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "rectify": True}),
+    memories=("b1", "b2"),
+    order=50,
+    doc="""One AdaBelief step.  Returns ``(updates, new_state)``::
 
         m_t = b1 m + (1 - b1) g
         s_t = b2 s + (1 - b2) (g - m_t)^2 + eps        # eps stored in s every step
@@ -80,6 +79,8 @@ def adabelief_update(state: AdaBeliefState, grads: Any, params: Any = None, *, l
     ratio ``r_t^2`` is formed as a product of three bounded ratios, which cannot overflow.
     A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
     (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
-    """
-    return ADABELIEF.update(state, grads, params, dict(
-        lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, rectify=rectify))
+    """,
+)
+AdaBeliefState = ADABELIEF.state_type
+adabelief_init = ADABELIEF.init
+adabelief_update = ADABELIEF.update

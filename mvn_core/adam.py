@@ -3,17 +3,9 @@ Loshchilov & Hutter, arXiv 1711.05101)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-from ._rule import TensorRule, bias_corrections
-
-
-class AdamState(NamedTuple):
-    """Adam's state: the step count and, per tensor, the moments ``m`` and ``v``."""
-
-    count: Any
-    m: tuple
-    v: tuple
+from ._rule import bias_corrections
+from .rule import Hyperparameter as H
+from .rule import define_rule
 
 
 def _constants(xp, c):
@@ -28,18 +20,25 @@ def _direction(xp, g, p, buffers, c):
     return (m * c.inv_bc1) / (xp.sqrt(v) * c.inv_sqrt_bc2 + c.eps), (m, v)
 
 
-ADAM = TensorRule("adam", AdamState, _direction, _constants)
-
-
-def adam_init(params: Any, *, state_dtype: Any = None) -> AdamState:
-    """Zero state for :func:`adam_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
-    return ADAM.init(params, state_dtype)
-
-
-def adam_update(state: AdamState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
-                b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, weight_decay: Any = 0.0,
-                coupled_weight_decay: bool = False):
-    """One Adam/AdamW step.  Returns ``(updates, new_state)``::
+ADAM = define_rule(
+    "adam", title="Adam / AdamW", class_name="Adam",
+    reference="Kingma & Ba, arXiv 1412.6980 (2014)",
+    direction=_direction,
+    constants=_constants,
+    buffers=("m", "v"),
+    hyperparameters={
+        "lr": H(1e-3),
+        "b1": H(0.9, "unit"),
+        "b2": H(0.999, "unit"),
+        "eps": H(1e-8, "eps"),
+        "weight_decay": H(0.0),
+        "coupled_weight_decay": H(False, "flag"),
+    },
+    betas=("b1", "b2"),
+    settings=({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "coupled_weight_decay": True}),
+    memories=("b1", "b2"),
+    order=40,
+    doc="""One Adam/AdamW step.  Returns ``(updates, new_state)``::
 
         m_t = b1 m + (1 - b1) g
         v_t = b2 v + (1 - b2) g^2
@@ -52,7 +51,8 @@ def adam_update(state: AdamState, grads: Any, params: Any = None, *, lr: Any = 1
 
     A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
     (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
-    """
-    return ADAM.update(state, grads, params, dict(
-        lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        coupled_weight_decay=coupled_weight_decay))
+    """,
+)
+AdamState = ADAM.state_type
+adam_init = ADAM.init
+adam_update = ADAM.update

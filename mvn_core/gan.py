@@ -24,6 +24,7 @@ from ._rule import (
     register_state_type,
 )
 from ._together import reduced_together
+from .rule import Hyperparameter, Rule
 
 CENTERS = ("tensor", "channel")
 SCALES = ("global_std", "none")
@@ -167,3 +168,13 @@ def _autoscale(xp, dtype, scale, centred, squares, state):
     result = scale(sigma, state)
     alpha, extra = result if isinstance(result, tuple) else (result, state.extra)
     return alpha, extra
+
+
+GAN = Rule(
+    name="gan", title="Gradient Autoscaled Normalization", class_name="GAN", init=gan_init,
+    update=gan_update, state_type=GANState, kind="transform", per_coordinate=False,
+    reference="Yun, arXiv 2509.03677 (2025)", tensor_rule=None,
+    hyperparameters={"center": Hyperparameter("tensor", "option"),
+                     "scale": Hyperparameter("global_std", "option")},
+    check=lambda h: check_options(h["center"], h["scale"]),
+    settings=({}, {"center": "channel"}, {"scale": "none"}), order=10)

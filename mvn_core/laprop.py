@@ -3,17 +3,9 @@ arXiv 2002.04839)."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-from ._rule import TensorRule, bias_corrections
-
-
-class LaPropState(NamedTuple):
-    """LaProp's state: the step count and, per tensor, ``m`` and ``v``."""
-
-    count: Any
-    m: tuple
-    v: tuple
+from ._rule import bias_corrections
+from .rule import Hyperparameter as H
+from .rule import define_rule
 
 
 def _direction(xp, g, p, buffers, c):
@@ -23,17 +15,24 @@ def _direction(xp, g, p, buffers, c):
     return m * c.inv_bc1, (m, v)
 
 
-LAPROP = TensorRule("laprop", LaPropState, _direction, bias_corrections)
-
-
-def laprop_init(params: Any, *, state_dtype: Any = None) -> LaPropState:
-    """Zero state for :func:`laprop_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
-    return LAPROP.init(params, state_dtype)
-
-
-def laprop_update(state: LaPropState, grads: Any, params: Any = None, *, lr: Any = 4e-4,
-                  b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-15, weight_decay: Any = 0.0):
-    """One LaProp step.  Returns ``(updates, new_state)``::
+LAPROP = define_rule(
+    "laprop", title="LaProp", class_name="LaProp",
+    reference="Ziyin et al., arXiv 2002.04839 (2020)",
+    direction=_direction,
+    constants=bias_corrections,
+    buffers=("m", "v"),
+    hyperparameters={
+        "lr": H(4e-4),
+        "b1": H(0.9, "unit"),
+        "b2": H(0.999, "unit"),
+        "eps": H(1e-15, "eps"),
+        "weight_decay": H(0.0),
+    },
+    betas=("b1", "b2"),
+    settings=({}, {"weight_decay": 0.1}),
+    memories=("b1", "b2"),
+    order=60,
+    doc="""One LaProp step.  Returns ``(updates, new_state)``::
 
         v_t = b2 v + (1 - b2) g^2
         m_t = b1 m + (1 - b1) g / (sqrt(v_t / (1 - b2^t)) + eps)
@@ -43,6 +42,8 @@ def laprop_update(state: LaPropState, grads: Any, params: Any = None, *, lr: Any
     keeps it finite).  A NaN or an Inf in ``g`` makes that coordinate's update and state
     NaN from then on (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps
     instead.
-    """
-    return LAPROP.update(state, grads, params, dict(
-        lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    """,
+)
+LaPropState = LAPROP.state_type
+laprop_init = LAPROP.init
+laprop_update = LAPROP.update

@@ -3,20 +3,9 @@ to maximize the estimated variance (Zhu et al., arXiv 2006.11918; the authors' `
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-from ._rule import TensorRule, guard, one_minus_power
-
-
-class MaxVAState(NamedTuple):
-    """MaxVA's state: the count and, per tensor, the weighted sums ``u`` (of g) and ``v``
-    (of g^2), their total weight ``w``, and the momentum ``m``."""
-
-    count: Any
-    u: tuple
-    v: tuple
-    w: tuple
-    m: tuple
+from ._rule import guard, one_minus_power
+from .rule import Hyperparameter as H
+from .rule import define_rule
 
 
 def _constants(xp, c):
@@ -63,18 +52,26 @@ def _check_relations(h):
         raise ValueError(f"b2_min={h['b2_min']!r} is larger than b2_max={h['b2_max']!r}")
 
 
-MAXVA = TensorRule("maxva", MaxVAState, _direction, _constants, check=_check_relations)
-
-
-def maxva_init(params: Any, *, state_dtype: Any = None) -> MaxVAState:
-    """Zero state for :func:`maxva_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
-    return MAXVA.init(params, state_dtype)
-
-
-def maxva_update(state: MaxVAState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
-                 b1: Any = 0.9, b2_min: Any = 0.5, b2_max: Any = 0.999, eps: Any = 1e-8,
-                 weight_decay: Any = 0.0):
-    """One MaxVA step.  Returns ``(updates, new_state)``.  Per coordinate::
+MAXVA = define_rule(
+    "maxva", title="MaxVA", class_name="MaxVA",
+    reference="Zhu et al., arXiv 2006.11918 (2020)",
+    direction=_direction,
+    constants=_constants,
+    check=_check_relations,
+    buffers=("u", "v", "w", "m"),
+    hyperparameters={
+        "lr": H(1e-3),
+        "b1": H(0.9, "unit"),
+        "b2_min": H(0.5, "unit"),
+        "b2_max": H(0.999, "unit"),
+        "eps": H(1e-8, "eps"),
+        "weight_decay": H(0.0),
+    },
+    betas=("b1", "b2_max"),
+    settings=({}, {"weight_decay": 0.1}, {"b2_min": 0.9, "b2_max": 0.99}),
+    memories=("b1", "b2_max"),  # the averaging weight of u, v, w is at most b2_max
+    order=20,
+    doc="""One MaxVA step.  Returns ``(updates, new_state)``.  Per coordinate::
 
         mean = u / w,  var = v / w - mean^2,  d2 = (g - mean)^2
         beta = clip((d2 + var) / (w (d2 - var) + d2 + var + 1e-16), b2_min, b2_max)
@@ -93,6 +90,8 @@ def maxva_update(state: MaxVAState, grads: Any, params: Any = None, *, lr: Any =
 
     A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
     (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
-    """
-    return MAXVA.update(state, grads, params, dict(
-        lr=lr, b1=b1, b2_min=b2_min, b2_max=b2_max, eps=eps, weight_decay=weight_decay))
+    """,
+)
+MaxVAState = MAXVA.state_type
+maxva_init = MAXVA.init
+maxva_update = MAXVA.update

@@ -7,18 +7,9 @@ docs/algorithms.md, "MVN-Grad".
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-from ._rule import TensorRule, bias_corrections
-
-
-class MVNState(NamedTuple):
-    """MVN-Grad's state: the step count and, per tensor, the buffers ``m``, ``v``, ``u``."""
-
-    count: Any
-    m: tuple
-    v: tuple
-    u: tuple
+from ._rule import bias_corrections
+from .rule import Hyperparameter as H
+from .rule import define_rule
 
 
 def _direction(xp, g, p, buffers, c):
@@ -31,23 +22,27 @@ def _direction(xp, g, p, buffers, c):
     return u * c.inv_bc1, (m, v, u)
 
 
-MVN = TensorRule("mvn", MVNState, _direction, bias_corrections)
-
-
-def mvn_init(params: Any, *, state_dtype: Any = None) -> MVNState:
-    """Zero state for :func:`mvn_update`: count 0 and ``m, v, u`` shaped like each param.
-
-    ``state_dtype`` (a dtype or its name) stores the buffers in another dtype; by
-    default they take the params' dtype, except float16 and bfloat16 params, whose
-    state is float32 (a half-precision second moment underflows or cannot decay).
-    """
-    return MVN.init(params, state_dtype)
-
-
-def mvn_update(state: MVNState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
-               b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_s: Any = 1e-16,
-               weight_decay: Any = 0.0, coupled_weight_decay: bool = False):
-    """One MVN-Grad step.  Returns ``(updates, new_state)``; ``params + updates`` is the step.
+MVN = define_rule(
+    "mvn", title="MVN-Grad", class_name="MVNGrad", state_name="MVNState",
+    reference="Patitucci & Mokhtari, arXiv 2602.10204 (2026)",
+    direction=_direction,
+    constants=bias_corrections,
+    buffers=("m", "v", "u"),
+    hyperparameters={
+        "lr": H(1e-3),
+        "b1": H(0.9, "unit"),
+        "b2": H(0.999, "unit"),
+        "eps": H(1e-8, "eps"),
+        "eps_s": H(1e-16),
+        "weight_decay": H(0.0),
+        "coupled_weight_decay": H(False, "flag"),
+    },
+    betas=("b1", "b2"),
+    function_name="mvn_grad",
+    settings=({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "coupled_weight_decay": True}),
+    memories=("b1", "b1", "b2"),  # m feeds v through g - m; v feeds z; u averages z
+    order=0,
+    doc="""One MVN-Grad step.  Returns ``(updates, new_state)``; ``params + updates`` is the step.
 
     With ``t`` the new count (1 on the first call)::
 
@@ -65,7 +60,8 @@ def mvn_update(state: MVNState, grads: Any, params: Any = None, *, lr: Any = 1e-
     it below 2**126 for every float32 gradient of the supported range (``|g| <= 2**62``).
     A NaN or an Inf in ``g`` makes that coordinate's update and state NaN from then on
     (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
-    """
-    return MVN.update(state, grads, params, dict(
-        lr=lr, b1=b1, b2=b2, eps=eps, eps_s=eps_s, weight_decay=weight_decay,
-        coupled_weight_decay=coupled_weight_decay))
+    """,
+)
+MVNState = MVN.state_type
+mvn_init = MVN.init
+mvn_update = MVN.update

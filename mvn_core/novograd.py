@@ -3,17 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-from ._rule import TensorRule
-
-
-class NovoGradState(NamedTuple):
-    """NovoGrad's state: the count, ``m`` per tensor and ``v`` (one 0-d array per tensor)."""
-
-    count: Any
-    m: tuple
-    v: tuple
+from .rule import Hyperparameter as H
+from .rule import define_rule
 
 
 def _constants(xp, c):
@@ -36,20 +27,26 @@ def _direction(xp, g, p, buffers, c, norm2):
     return m, (m, v)
 
 
-NOVOGRAD = TensorRule("novograd", NovoGradState, _direction, _constants,
-                      scalar_buffers=frozenset({"v"}), decay_inside=True,
-                      statistic=_squared_norm)
-
-
-def novograd_init(params: Any, *, state_dtype: Any = None) -> NovoGradState:
-    """Zero state for :func:`novograd_update` (``state_dtype``: see :func:`mvn_core.mvn_init`)."""
-    return NOVOGRAD.init(params, state_dtype)
-
-
-def novograd_update(state: NovoGradState, grads: Any, params: Any = None, *, lr: Any = 1e-3,
-                    b1: Any = 0.95, b2: Any = 0.98, eps: Any = 1e-8, weight_decay: Any = 0.0,
-                    grad_averaging: bool = False):
-    """One NovoGrad step.  Returns ``(updates, new_state)``.  Per tensor::
+NOVOGRAD = define_rule(
+    "novograd", title="NovoGrad", class_name="NovoGrad",
+    reference="Ginsburg et al., arXiv 1905.11286 (2019)",
+    direction=_direction,
+    constants=_constants,
+    statistic=_squared_norm, tensor_buffers=("v",), decay="inside",
+    buffers=("m", "v"),
+    hyperparameters={
+        "lr": H(1e-3),
+        "b1": H(0.95, "unit"),
+        "b2": H(0.98, "unit"),
+        "eps": H(1e-8, "eps"),
+        "weight_decay": H(0.0),
+        "grad_averaging": H(False, "flag"),
+    },
+    betas=("b1", "b2"),
+    settings=({}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "grad_averaging": True}),
+    memories=("b1", "b2"),
+    order=30,
+    doc="""One NovoGrad step.  Returns ``(updates, new_state)``.  Per tensor::
 
         v_1 = ||g_1||^2 ;  v_t = b2 v + (1 - b2) ||g_t||^2  (t >= 2)
         m_t = b1 m + (g / (sqrt(v_t) + eps) + weight_decay theta)
@@ -63,6 +60,8 @@ def novograd_update(state: NovoGradState, grads: Any, params: Any = None, *, lr:
     that coordinate NaN and the rest of the tensor's normalized gradient 0 from then on
     (it steps on its momentum and weight decay alone).  :func:`mvn_core.skip_if_nonfinite`
     skips such steps instead.
-    """
-    return NOVOGRAD.update(state, grads, params, dict(
-        lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, grad_averaging=grad_averaging))
+    """,
+)
+NovoGradState = NOVOGRAD.state_type
+novograd_init = NOVOGRAD.init
+novograd_update = NOVOGRAD.update

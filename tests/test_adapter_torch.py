@@ -29,7 +29,7 @@ STEPS = 30
 def _torch_kwargs(name, core):
     """Core hyperparameters in the adapter's names (betas)."""
     kwargs = dict(core)
-    beta_names = adapters.BETAS.get(name, ())
+    beta_names = mvn_core.rules[name].betas
     if beta_names:
         defaults = mvn_core.rules[name].defaults
         kwargs["betas"] = tuple(kwargs.pop(b, defaults[b]) for b in beta_names)
@@ -870,3 +870,130 @@ def test_steps_on_parameters_that_require_grad_build_no_graph(path):
     for p in params:
         assert p.grad_fn is None and p.requires_grad
         assert all(not v.requires_grad and v.grad_fn is None for v in opt.state[p].values())
+
+
+# ---- the replayed kernel step (adapters/_torch_replay.py)
+
+def _replay_setup(n=6, seed=30, **options):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
+    opt = adapters.MVNGrad(params, lr=0.01, weight_decay=0.1, **options)
+    return params, opt, gen
+
+
+def _count_full_steps(monkeypatch, opt):
+    calls = []
+    original = opt._plan
+
+    def counted(group):
+        calls.append(1)
+        return original(group)
+
+    monkeypatch.setattr(opt, "_plan", counted)
+    return calls
+
+
+def _grads(params, gen):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def test_steps_after_the_first_replay_the_prepared_kernel_step(monkeypatch):
+    params, opt, gen = _replay_setup()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = adapters.MVNGrad(copies, lr=0.01, weight_decay=0.1, foreach=False)
+    full = _count_full_steps(monkeypatch, opt)
+    for step in range(5):
+        _grads(params, gen)
+        for p, c in zip(params, copies):
+            c.grad = p.grad.clone()
+        opt.param_groups[0]["lr"] = 0.01 * 0.9 ** step  # read at every step, replayed or not
+        reference.param_groups[0]["lr"] = 0.01 * 0.9 ** step
+        opt.step()
+        reference.step()
+    assert len(full) == 1  # the first step prepares; the others replay
+    for p, c in zip(params, copies):  # within torch's own square root of the reference path
+        torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
+    assert int(opt.state[params[0]]["step"]) == 5
+    saved = opt.state_dict()  # the count, updated in place, is saved per parameter
+    assert all(int(s["step"]) == 5 for s in saved["state"].values())
+
+
+@pytest.mark.parametrize("change", ["state written", "state loaded", "parameter moved",
+                                    "a gradient missing", "a strided gradient", "a new group"])
+def test_a_replay_gives_way_to_the_full_step_when_something_changed(monkeypatch, change):
+    """After each change the step is the full one, and every step is the one the pure
+    rule in IEEE arithmetic takes."""
+    params, opt, gen = _replay_setup()
+    twin_params, twin, _ = _replay_setup()
+    twin.param_groups[0]["foreach"] = True  # the multi-tensor path: never replayed
+    _grads(params, gen)
+    for a, b in zip(twin_params, params):
+        a.grad = b.grad.clone()
+    opt.step()
+    twin.step()
+    full = _count_full_steps(monkeypatch, opt)
+    if change == "state written":
+        opt.state[params[2]]["m"] = torch.ones(5, 3)
+        twin.state[twin_params[2]]["m"] = torch.ones(5, 3)
+    elif change == "state loaded":
+        opt.load_state_dict(opt.state_dict())
+    elif change == "parameter moved":
+        params[1].data = params[1].data.clone()
+    elif change == "a new group":
+        extra = torch.nn.Parameter(torch.zeros(4))
+        opt.add_param_group({"params": [extra]})
+        extra.grad = torch.ones(4)
+    _grads(params, gen)
+    if change == "a gradient missing":
+        params[3].grad = None
+    if change == "a strided gradient":
+        params[4].grad = torch.randn(3, 5, generator=gen).t()
+    for a, b in zip(twin_params, params):
+        a.grad = None if b.grad is None else b.grad.clone()
+    opt.step()
+    assert len(full) == 1
+    twin.step()
+    for a, b in zip(params, twin_params):  # both: the rule; ours in IEEE arithmetic
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_refused_replayed_step_changes_nothing():
+    params, opt, gen = _replay_setup()
+    _grads(params, gen)
+    opt.step()
+    _grads(params, gen)
+    opt.step()  # replayed
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr=-1.0 is out of range"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+
+
+def test_the_tracked_state_pickles_as_torchs_own():
+    from collections import defaultdict
+
+    params, opt, gen = _replay_setup(n=2)
+    _grads(params, gen)
+    opt.step()
+    opt.state["not a parameter"] = 1
+    copy = pickle.loads(pickle.dumps(opt.state))
+    assert type(copy) is defaultdict and all(type(v) is dict for k, v in copy.items()
+                                             if isinstance(k, torch.Tensor))
+    assert copy["not a parameter"] == 1
+    version = opt.state.version
+    opt.state[params[0]].pop("m")
+    assert opt.state.version == version + 1
+
+
+def test_gan_with_its_defaults_is_never_replayed(monkeypatch):
+    """gan={} turns GAN on with its defaults: every step takes the full path."""
+    params, opt, gen = _replay_setup(gan={})
+    full = _count_full_steps(monkeypatch, opt)
+    for _ in range(3):
+        _grads(params, gen)
+        opt.step()
+    assert len(full) == 3

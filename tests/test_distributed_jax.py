@@ -26,7 +26,7 @@ from mvn_core.adapters import optax as adapter  # noqa: E402
 
 WORKER = Path(__file__).parent / "workers" / "distributed_jax.py"
 TIMEOUT = 300  # seconds: about 40 on a busy 2-core machine
-OPTAX = [*adapter.__all__, "gan+sgd"]
+OPTAX = [*adapter.FACTORIES, "gan+sgd"]
 RULES = list(mvn_core.rules)
 REDUCING = {"novograd", "scale_by_novograd", "gan", "gan+sgd"}  # per-tensor statistics
 

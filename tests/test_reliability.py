@@ -274,7 +274,7 @@ def test_torch_skip_nonfinite(name, path):
     torch = pytest.importorskip("torch")
     from mvn_core.adapters import torch as adapters
 
-    cls = {c.rule.name: c for c in (getattr(adapters, n) for n in adapters.__all__[1:])}[name]
+    cls = adapters.OPTIMIZERS[name]
     make = lambda: [torch.nn.Parameter(torch.tensor(p)) for p in _params()]  # noqa: E731
     a, b = make(), make()
     opt = cls([{"params": a[:1]}, {"params": a[1:], "skip_nonfinite": False}], lr=0.1,

@@ -48,7 +48,7 @@ def transformations():
     """Every public transformation of the optax adapter, with weight decay where it
     takes one; ``gan`` alone (it transforms gradients) and in front of SGD."""
     out = {}
-    for name in adapter.__all__:
+    for name in adapter.FACTORIES:
         make = getattr(adapter, name)
         kwargs = {"momentum": 0.9} if name.endswith("sgd") else {}
         if name.startswith("scale_by_") or name == "gan":
