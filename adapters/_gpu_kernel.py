@@ -10,7 +10,7 @@ Each chunk of :data:`CHUNK` elements of a tensor is one program (Triton) or one 
 (CUDA); a tensor without elements still has one chunk where the rule keeps a buffer of
 one value per tensor (NovoGrad's ``v``), which that chunk writes.  ``pointers`` holds
 one data pointer per role and tensor, role-major (``pointers[r * K + k]``), in the order
-of :func:`roles`.  ``numbers`` are the step's scalars that are Python numbers (weak,
+of :func:`layout`.  ``numbers`` are the step's scalars that are Python numbers (weak,
 double precision), as the bits of float64 values.
 
 The scalars that are arrays (bias corrections computed from the count on the device,
@@ -25,6 +25,7 @@ launch.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -78,30 +79,45 @@ class Kernels:
         """How many kernels were built (or failed to) in this process."""
         return self._compiled.cache_info().currsize
 
+    def forget(self) -> None:
+        """Forget the kernels built in this process (as a new process starts)."""
+        self._compiled.cache_clear()
 
-def roles(trace: Trace) -> tuple[str, ...]:
-    """The order of the pointer table: the parameter, the gradient, the buffers of one
-    value per element, those of one value per tensor, and the updates' output when the
-    kernel does not update the parameter in place (the CPU kernel's order)."""
-    outputs = {name for name, _, _ in trace.outputs}
+
+@dataclass(frozen=True)
+class Kernel:
+    """A printed GPU kernel: its name, its source and the trace it prints."""
+
+    name: str
+    source: str
+    trace: Trace
+
+
+class Layout(NamedTuple):
+    """What a launch of a trace's kernel carries where, as the printers read it."""
+
+    roles: tuple[str, ...]  # the order of the pointer table
+    dtypes: dict  # the dtype name of each role's arrays
+    tensor_buffers: tuple[str, ...]  # the roles of buffers of one value per tensor
+    numbers: tuple[str, ...]  # the step's scalars in the metadata (weak Python numbers)
+    arrays: tuple[str, ...]  # those stacked on the device (0-d arrays)
+
+
+def layout(trace: Trace) -> Layout:
+    """The pointer table's roles: the parameter, the gradient, the buffers of one value
+    per element, those of one value per tensor, and the updates' output when the
+    kernel does not update the parameter in place (the CPU kernel's order); the step's
+    scalars of each kind, in the trace's order."""
+    outputs = {name: dtype for name, _, dtype in trace.outputs}
+    inputs = {i.name: i for i in trace.inputs}
     element = [f"b_{n}" for n in trace.buffer_names if n not in trace.tensor_buffers]
-    tensor = [f"b_{n}" for n in trace.buffer_names if n in trace.tensor_buffers]
-    return ("p", "g", *element, *tensor, *(() if "p" in outputs else ("update",)))
-
-
-class Scalars(NamedTuple):
-    """The step's scalars of a trace by where a launch carries them: ``numbers`` (weak
-    Python numbers, in the metadata) and ``arrays`` (0-d arrays, stacked on the device),
-    each in the trace's order."""
-
-    numbers: tuple[str, ...]
-    arrays: tuple[str, ...]
-
-
-def scalars(trace: Trace) -> Scalars:
-    weak = {i.name[2:]: i.weak for i in trace.inputs if i.kind == "scalar"}
-    return Scalars(tuple(n for n in trace.scalars if weak[n]),
-                   tuple(n for n in trace.scalars if not weak[n]))
+    tensor = tuple(f"b_{n}" for n in trace.buffer_names if n in trace.tensor_buffers)
+    roles = ("p", "g", *element, *tensor, *(() if "p" in outputs else ("update",)))
+    dtypes = {r: inputs[r].dtype if r in inputs else outputs.get(r, trace.dtypes["param"])
+              for r in roles}
+    weak = {n: inputs[f"s_{n}"].weak for n in trace.scalars}
+    return Layout(roles, dtypes, tensor, tuple(n for n in trace.scalars if weak[n]),
+                  tuple(n for n in trace.scalars if not weak[n]))
 
 
 def metadata(numel: Sequence[int], pointers: Sequence[Sequence[int]], numbers: Sequence[float],
@@ -175,10 +191,10 @@ def launches(xp, tensor_rule, planned: list, params, grads, columns, address: Ca
                                         negate_grad)
         pointers = [[address(params[i]) for i in members], [address(grads[i]) for i in members]]
         pointers += [[address(column[i]) for i in members] for column in element + per_tensor]
-        split = scalars(kernel.trace)
+        where = layout(kernel.trace)
         meta, n_chunks = metadata([numel(params[i]) for i in members], pointers,
-                                  [float(getattr(c, n)) for n in split.numbers],
+                                  [float(getattr(c, n)) for n in where.numbers],
                                   bool(per_tensor))
         yield function, Launch(meta, n_chunks, len(members), aligned(pointers),
-                             step_arrays(xp, c, split.arrays, device), stats,
+                             step_arrays(xp, c, where.arrays, device), stats,
                              old_values(xp, per_tensor, members))

@@ -37,7 +37,6 @@ import math
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import _cpu_kernel, _elementwise, _gpu_kernel, _native
@@ -46,6 +45,7 @@ from ._elementwise import ARITHMETIC, BOOL, COMPARISONS, DOUBLE, LOGICAL, Consta
 BLOCK = 1024  # elements per block of a program's loop over its chunk
 WARPS = 4
 OPTIONS = {"enable_fp_fusion": False}  # compile options: no contraction into FMAs
+MODULE_PREFIX = "mvn_core_triton_"  # of the generated modules' names
 # dtype name -> (Triton type of its values in a kernel, Triton type of its storage)
 TYPES = {"float16": ("tl.float32", "tl.float16"), "bfloat16": ("tl.float32", "tl.uint16"),
          "float32": ("tl.float32", "tl.float32"), "float64": ("tl.float64", "tl.float64"),
@@ -176,17 +176,7 @@ def _store(dtype: str, code: str) -> str:
     return f"{code}.to({TYPES[dtype][1]})"
 
 
-@dataclass(frozen=True)
-class TritonKernel:
-    """The Triton source of one traced step as a multi-tensor kernel, and its layout."""
-
-    name: str
-    source: str
-    trace: Trace
-    roles: tuple[str, ...]  # the order of the pointer table
-
-
-def triton_kernel(trace: Trace, name: str) -> TritonKernel:
+def triton_kernel(trace: Trace, name: str) -> _gpu_kernel.Kernel:
     """The multi-tensor Triton kernel ``name`` of ``trace``, with the arguments::
 
         NAME(meta, n_chunks, K, chunk, arrays, stats, old, BLOCK, ALIGNED)
@@ -195,12 +185,8 @@ def triton_kernel(trace: Trace, name: str) -> TritonKernel:
     ``old``: its float64 arrays (any tensor where the rule reads none); ``ALIGNED``:
     every pointer is aligned to 16 bytes (the blocks are then read in vectors)."""
     by_name = {i.name: i for i in trace.inputs}
-    outputs = {out: dtype for out, _, dtype in trace.outputs}
-    roles = _gpu_kernel.roles(trace)
-    tensor_buffers = {f"b_{n}" for n in trace.tensor_buffers}
-    dtype_of = {r: by_name[r].dtype if r in by_name else outputs.get(r, trace.dtypes["param"])
-                for r in roles}
-    split = _gpu_kernel.scalars(trace)
+    where = _gpu_kernel.layout(trace)
+    roles, dtype_of, tensor_buffers = where.roles, where.dtypes, where.tensor_buffers
     lines = [PRELUDE, "", "@triton.jit(do_not_specialize=['n_chunks', 'K'])",
              f"def {name}(meta, n_chunks, K, chunk, arrays, stats, old, BLOCK: tl.constexpr, "
              "ALIGNED: tl.constexpr):",
@@ -217,15 +203,15 @@ def triton_kernel(trace: Trace, name: str) -> TritonKernel:
     lines += [f"        P_{role} = tl.multiple_of(P_{role}, 16)" for role in roles
               if role not in tensor_buffers]
     lines.append("        start = tl.multiple_of(start, BLOCK)")
-    for j, scalar in enumerate(split.numbers):
+    for j, scalar in enumerate(where.numbers):
         lines.append(f"    s_{scalar} = tl.load(numbers + {j}).to(tl.float64, bitcast=True)")
-    for j, scalar in enumerate(split.arrays):
+    for j, scalar in enumerate(where.arrays):
         dtype = by_name[f"s_{scalar}"].dtype
         value = _converted(f"tl.load(arrays + {j})", DOUBLE, dtype)
         lines.append(f"    s_{scalar} = {_scalar_boolean(value) if dtype == BOOL else value}")
     if trace.has_statistic:
         lines.append(f"    stat = {_converted('tl.load(stats + k)', DOUBLE, by_name['stat'].dtype)}")
-    for j, role in enumerate(r for r in roles if r in tensor_buffers):
+    for j, role in enumerate(tensor_buffers):
         lines.append(f"    {role} = {_converted(f'tl.load(old + {j} * K + k)', DOUBLE, dtype_of[role])}")
     lines += [f"    {n.name} = {expression(n)}" for n in trace.nodes if n.uniform]
     # Whole blocks unmasked (read in vectors where aligned), then the chunk's tail.
@@ -237,10 +223,10 @@ def triton_kernel(trace: Trace, name: str) -> TritonKernel:
     for out, value, dtype in trace.outputs:
         if out in tensor_buffers:
             lines.append(f"    tl.store(P_{out}, {_store(dtype, _code(value))}, mask=start == 0)")
-    return TritonKernel(name, "\n".join(lines) + "\n", trace, roles)
+    return _gpu_kernel.Kernel(name, "\n".join(lines) + "\n", trace)
 
 
-def _element_lines(trace: Trace, tensor_buffers: set) -> list[str]:
+def _element_lines(trace: Trace, tensor_buffers: tuple) -> list[str]:
     lines = [f"        {i.name} = {_load(i.dtype, f'tl.load(P_{i.name} + i, mask=mask)')}"
              for i in trace.inputs if i.kind == "element"]
     lines += [f"        {n.name} = {expression(n)}" for n in trace.nodes if not n.uniform]
@@ -303,11 +289,19 @@ def _build(trace: Trace, name: str):
 KERNELS = _gpu_kernel.Kernels(_build)
 
 
+def forget_compiled() -> None:
+    """Forget the kernels loaded in this process (the disk caches stay), as a new
+    process starts: for measuring first steps."""
+    KERNELS.forget()
+    for name in [n for n in sys.modules if n.startswith(MODULE_PREFIX)]:
+        del sys.modules[name]
+
+
 def load(source: str):
     """The module of ``source``, written to the kernel cache under its hash (once) and
     imported from there: Triton reads a kernel's source from its file."""
     key = hashlib.sha256(source.encode()).hexdigest()[:32]
-    name = f"mvn_core_triton_{key}"
+    name = f"{MODULE_PREFIX}{key}"
     if name in sys.modules:
         return sys.modules[name]
     folder = _native.cache_dir()

@@ -16,7 +16,6 @@ import concurrent.futures
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +99,7 @@ COMPILED = [(n, "float32") for n in KERNEL_RULES] + [("mvn", d) for d in DTYPES[
 
 @needs_triton
 @pytest.mark.parametrize("name,dtype", COMPILED, ids=[f"{n}-{d}" for n, d in COMPILED])
-def test_the_compiled_kernel_rounds_every_operation_to_nearest(name, dtype):
+def test_the_compiled_kernel_rounds_every_operation_to_nearest(name, dtype, assert_ieee_ptx):
     """Compiled by Triton for an H100 (sm_90; no GPU is needed to compile): the PTX has
     no fused multiply-add, only correctly rounded division and square root, no flushing
     of subnormals to zero, and reads aligned blocks in vectors."""
@@ -119,12 +118,9 @@ def test_the_compiled_kernel_rounds_every_operation_to_nearest(name, dtype):
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                          options={**_triton_kernel.OPTIONS, "num_warps": _triton_kernel.WARPS}
                          ).asm["ptx"]
-    instructions = set(re.findall(r"(?<![\w.%])([a-z]+(?:\.[a-z0-9]+)+)", ptx))
-    assert not {i for i in instructions if i.startswith("fma")}
-    assert not {i for i in instructions if ".approx" in i or ".ftz" in i}
-    width = "f64" if dtype == "float64" else "f32"
-    if name != "sgd":  # SGD neither divides nor takes a square root
-        assert {f"div.rn.{width}", f"sqrt.rn.{width}"} <= instructions
+    # SGD neither divides nor takes a square root
+    instructions = assert_ieee_ptx(ptx, "f64" if dtype == "float64" else "f32",
+                                   divides=name != "sgd")
     assert {i for i in instructions if i.startswith("ld.global.v")}
 
 
