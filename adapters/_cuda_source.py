@@ -132,13 +132,15 @@ def cuda_kernel(trace: Trace, name: str) -> _gpu_kernel.Kernel:
         lines.append(f"    const double s_{scalar} = MVN_DOUBLE(numbers[{j}]);")
     for j, scalar in enumerate(where.arrays):
         dtype = by_name[f"s_{scalar}"].dtype
-        lines.append(f"    const {value_type(dtype)} s_{scalar} = {_from_double(f'arrays[{j}]', dtype)};")
+        value = _from_double(f"arrays[{j}]", dtype)
+        lines.append(f"    const {value_type(dtype)} s_{scalar} = {value};")
     if trace.has_statistic:
         dtype = by_name["stat"].dtype
         lines.append(f"    const {value_type(dtype)} stat = {_from_double('stats[k]', dtype)};")
     for j, role in enumerate(tensor_buffers):
         dtype = dtype_of[role]
-        lines.append(f"    const {value_type(dtype)} {role} = {_from_double(f'old[{j} * K + k]', dtype)};")
+        value = _from_double(f"old[{j} * K + k]", dtype)
+        lines.append(f"    const {value_type(dtype)} {role} = {value};")
     lines += [f"    const {value_type(n.dtype)} {n.name} = {expression(n)};"
               for n in trace.nodes if n.uniform]
     lines.append("    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {")

@@ -212,7 +212,8 @@ def triton_kernel(trace: Trace, name: str) -> _gpu_kernel.Kernel:
     if trace.has_statistic:
         lines.append(f"    stat = {_converted('tl.load(stats + k)', DOUBLE, by_name['stat'].dtype)}")
     for j, role in enumerate(tensor_buffers):
-        lines.append(f"    {role} = {_converted(f'tl.load(old + {j} * K + k)', DOUBLE, dtype_of[role])}")
+        value = _converted(f"tl.load(old + {j} * K + k)", DOUBLE, dtype_of[role])
+        lines.append(f"    {role} = {value}")
     lines += [f"    {n.name} = {expression(n)}" for n in trace.nodes if n.uniform]
     # Whole blocks unmasked (read in vectors where aligned), then the chunk's tail.
     lines.append("    full = start + (end - start) // BLOCK * BLOCK")

@@ -41,7 +41,9 @@ TIMEOUT = 900  # seconds for each worker: about 60 on a busy 2-core machine
 KERNEL_RULES = [n for n, r in mvn_core.rules.items() if r.tensor_rule is not None]
 DTYPES = ("float32", "float64", "bfloat16", "float16")  # half formats with float32 state
 JOBS = [f"{c.rule}|{c.label}|{d}" for c in cases(KERNEL_RULES) for d in DTYPES]
-EXTRA_JOBS = ["schedule|float32", "schedule|bfloat16"]
+SCHEDULES = ["schedule|float32", "schedule|bfloat16"]
+FALLBACK = "fallback|float32"
+EXTRA_JOBS = [*SCHEDULES, FALLBACK]
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +78,21 @@ def test_interpreted_triton_kernel_is_the_rule_in_ieee_arithmetic(report, job):
 
 
 @needs_triton
-@pytest.mark.parametrize("job", EXTRA_JOBS)
+@pytest.mark.parametrize("job", SCHEDULES)
 def test_a_schedule_and_maximize_change_arguments_not_the_kernel(report, job):
     """A tensor lr and b1 moved every step, with maximize: the C kernel's parameters,
     bit for bit, from one Triton kernel built for all the steps."""
     _assert_equal(report[job])
     assert report[job]["kernels_built"] == 1
+
+
+@needs_triton
+def test_a_tensor_the_kernel_cannot_take_is_refused_or_runs_the_multi_tensor_path(report):
+    """Not contiguous: fused=True refuses it, writing nothing; by default it runs the
+    multi-tensor path, the others the kernel, as on the CPU (bit for bit)."""
+    record = report[FALLBACK]
+    assert record["refused"] and record["unchanged"]
+    _assert_equal(record)
 
 
 def _kernel(name, dtype, **hyper):
@@ -131,6 +142,18 @@ def test_the_interpreted_cpu_path_needs_the_interpreter(monkeypatch):
             pass
     assert not _triton_kernel.steps_on(torch.device("cpu"))
     assert _triton_kernel.steps_on(torch.device("cuda"))
+
+
+def test_cuda_tensors_without_triton_or_under_its_interpreter_are_said_why(monkeypatch):
+    """The reason the kernel path falls back (after one warning) or fused=True refuses."""
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "runs CPU tensors only" in _triton_kernel.unavailable_reason(cuda)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(_triton_kernel.importlib.util, "find_spec",
+                        lambda name: None if name == "triton" else importlib.util.find_spec(name))
+    assert _triton_kernel.unavailable_reason(cuda) == ("Triton is not installed "
+                                                       "(pip install triton)")
 
 
 def test_constants_and_half_formats_are_printed_exactly():

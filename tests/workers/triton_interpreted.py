@@ -6,10 +6,12 @@ of the torch optimizers runs on CPU tensors, its operations computed by NumPy.
 
 A job is ``RULE|SETTING|DTYPE`` (a case of :func:`mvn_core.conformance.cases.cases`,
 by its label, and the params' dtype; half formats keep float32 state), or
-``schedule|DTYPE``.  Prints one JSON line: per job, whether the kernel's parameters
-equal :func:`~mvn_core.conformance.trajectories.ieee_trajectory`'s bit for bit at
-every step, the largest difference and the error, if any.  Chunks and blocks are made
-small, so that tensors span several chunks and chunks end in partial blocks.
+``schedule|DTYPE`` or ``fallback|DTYPE`` (see their functions).  Prints one JSON line:
+per job, whether the kernel's parameters equal
+:func:`~mvn_core.conformance.trajectories.ieee_trajectory`'s (or the CPU path's) bit
+for bit at every step, the largest difference and the error, if any.  Chunks and
+blocks are made small, so that tensors span several chunks and chunks end in partial
+blocks.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def trajectory(cls, options: dict, problem, dtype: str, state_dtype, schedule=No
 
 
 def compared(got: list, want: list) -> dict:
-    pairs = [(a, np.asarray(b, dtype=np.float64)) for sa, sb in zip(got, want) for a, b in zip(sa, sb)]
+    pairs = [(a, np.asarray(b, dtype=np.float64))
+             for sa, sb in zip(got, want) for a, b in zip(sa, sb)]
     equal = all(np.array_equal(a, b, equal_nan=True) for a, b in pairs)
     diff = max((float(np.max(np.abs(a - b), initial=0.0)) for a, b in pairs), default=0.0)
     return {"equal": equal and len(got) == len(want), "max_diff": diff, "error": None}
@@ -93,6 +96,47 @@ def schedule_job(dtype: str) -> dict:
     return result
 
 
+def fallback_job(dtype: str) -> dict:
+    """A parameter that is not contiguous: ``fused=True`` refuses it before anything is
+    written; by default it runs the multi-tensor path beside the kernel's launch, so
+    the parameters are those of the CPU path (the C kernel, and the multi-tensor path
+    for that one) bit for bit."""
+    problem = make_problem(STEPS, seed=9, shapes=((4, 6), (7,)))
+    first, second = (np.asarray(p) for p in problem.params)
+
+    def make(**options):
+        transposed = torch.tensor(np.ascontiguousarray(first.T), dtype=getattr(torch, dtype)).t()
+        params = [torch.nn.Parameter(transposed),
+                  torch.nn.Parameter(torch.tensor(second, dtype=getattr(torch, dtype)))]
+        assert not params[0].is_contiguous()
+        return params, adapters.Adam(params, lr=0.01, weight_decay=0.1, **options)
+
+    def run(params, opt):
+        for grads in problem.grads:
+            for p, g in zip(params, grads):
+                p.grad = torch.tensor(g, dtype=p.dtype)
+            opt.step()
+        return [[p.detach().double().numpy().copy() for p in params]]
+
+    with _triton_kernel.interpreted_on_cpu():
+        params, opt = make(fused=True)
+        before = [p.detach().clone() for p in params]
+        try:
+            run(params, opt)
+            message = ""
+        except RuntimeError as error:
+            message = str(error)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, params))
+        got = run(*make())
+    result = compared(got, run(*make()))  # outside: the CPU path
+    result.update(refused="fused=True cannot step a parameter of shape (4, 6)" in message,
+                  unchanged=unchanged)
+    return result
+
+
+JOBS = {"schedule": schedule_job, "fallback": fallback_job}
+
+
 def main(jobs: list[str]) -> None:
     np.seterr(all="ignore")  # the interpreter computes masked-out lanes too
     torch.set_num_threads(1)
@@ -101,7 +145,7 @@ def main(jobs: list[str]) -> None:
     for job in jobs:
         parts = job.split("|")
         try:
-            report[job] = schedule_job(parts[1]) if parts[0] == "schedule" else case_job(*parts)
+            report[job] = JOBS[parts[0]](parts[1]) if parts[0] in JOBS else case_job(*parts)
         except Exception:  # reported per job, for the test to show
             report[job] = {"equal": False, "max_diff": None, "error": traceback.format_exc()}
     print(json.dumps(report))
