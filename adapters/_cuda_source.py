@@ -16,8 +16,9 @@ square root, made explicit, and no contraction into fused multiply-adds), each
 operation rounds to nearest as in IEEE arithmetic.  Half formats are read and written
 by their bits, in functions that are the same code on the device and on a host (the
 tests compile the kernel as host code too): bfloat16 as the CPU kernel rounds it,
-float16 to nearest even with NaN kept NaN.  The source needs no header: NVRTC, which
-CuPy compiles with, has none by default.
+float16 to nearest even with NaN kept NaN.  The source needs no header (NVRTC, which
+CuPy compiles with, has none by default): ``isfinite`` and the constants ``INFINITY``
+and ``NAN`` are defined by their bits.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ PRELUDE = r"""#ifndef MVN_FN  /* device code; a host compiler gets these defined
 #define MVN_BITS(f) __float_as_uint(f)
 #define MVN_FLOAT(u) __uint_as_float(u)
 #define MVN_DOUBLE(b) __longlong_as_double(b)
+#define MVN_DOUBLE_BITS(d) __double_as_longlong(d)
 #endif
 #ifndef INFINITY
 #define INFINITY MVN_FLOAT(0x7f800000u)
@@ -47,6 +49,13 @@ PRELUDE = r"""#ifndef MVN_FN  /* device code; a host compiler gets these defined
 #ifndef NAN
 #define NAN MVN_FLOAT(0x7fc00000u)
 #endif
+
+/* By the bits: NVRTC need not declare isfinite without a header. */
+MVN_FN bool mvn_isfinite(float x) { return (MVN_BITS(x) & 0x7f800000u) != 0x7f800000u; }
+MVN_FN bool mvn_isfinite(double x) {
+    const unsigned long long exponent = 0x7ff0000000000000ull;
+    return ((unsigned long long)MVN_DOUBLE_BITS(x) & exponent) != exponent;
+}
 
 /* bfloat16: the upper half of a float32, rounded to nearest even, NaN to 0x7fc0. */
 MVN_FN float mvn_bf16_load(unsigned short h) { return MVN_FLOAT((unsigned int)h << 16); }
@@ -101,6 +110,14 @@ def _store(dtype: str, code: str) -> str:
     return f"({STORAGE[dtype]})({code})"
 
 
+def _expression(node) -> str:
+    """The CPU kernel's C expression of an operation, but ``isfinite`` (a function of
+    the C library) by its bits."""
+    if node.op == "isfinite":
+        return f"mvn_isfinite({_code(node.args[0])})"
+    return expression(node)
+
+
 def _from_double(code: str, dtype: str) -> str:
     return f"({code} != 0.0)" if dtype == BOOL else f"({value_type(dtype)})({code})"
 
@@ -141,12 +158,12 @@ def cuda_kernel(trace: Trace, name: str) -> _gpu_kernel.Kernel:
         dtype = dtype_of[role]
         value = _from_double(f"old[{j} * K + k]", dtype)
         lines.append(f"    const {value_type(dtype)} {role} = {value};")
-    lines += [f"    const {value_type(n.dtype)} {n.name} = {expression(n)};"
+    lines += [f"    const {value_type(n.dtype)} {n.name} = {_expression(n)};"
               for n in trace.nodes if n.uniform]
     lines.append("    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {")
     lines += [f"        const {value_type(i.dtype)} {i.name} = {_load(i.dtype, f'P_{i.name}[i]')};"
               for i in trace.inputs if i.kind == "element"]
-    lines += [f"        const {value_type(n.dtype)} {n.name} = {expression(n)};"
+    lines += [f"        const {value_type(n.dtype)} {n.name} = {_expression(n)};"
               for n in trace.nodes if not n.uniform]
     for out, value, dtype in trace.outputs:
         if out not in tensor_buffers:

@@ -55,6 +55,8 @@ static inline double mvn_host_double(long long b) { double d; memcpy(&d, &b, 8);
 #define MVN_BITS(f) mvn_host_bits(f)
 #define MVN_FLOAT(u) mvn_host_float(u)
 #define MVN_DOUBLE(b) mvn_host_double(b)
+static inline long long mvn_host_double_bits(double d) { long long b; memcpy(&b, &d, 8); return b; }
+#define MVN_DOUBLE_BITS(d) mvn_host_double_bits(d)
 #define __global__
 struct mvn_dim { unsigned int x; };
 static mvn_dim blockIdx, threadIdx, blockDim = {1};
