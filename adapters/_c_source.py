@@ -1,5 +1,5 @@
-"""Traced rules printed as C: the CPU's multi-tensor kernel, and the body of a CUDA
-elementwise kernel (CuPy).
+"""Traced rules printed as C: the CPU's multi-tensor kernel (and, by
+:func:`expression`, the operations of the CUDA kernel of :mod:`._cuda_source`).
 
 The CPU kernel steps all tensors of a batch in one call.  Its arguments::
 
@@ -225,15 +225,3 @@ def cpu_kernel(trace: Trace, name: str) -> CpuKernel:
 def _code(value) -> str:
     return literal_c(value.value, value.dtype) if isinstance(value, Constant) else value.name
 
-
-def elementwise_body(trace: Trace) -> str:
-    """The body of a CUDA elementwise kernel (one element per thread) of ``trace``:
-    inputs and outputs by their names (``g``, ``p``, ``s_<name>``, ``b_<name>``), the
-    outputs written in place.  Per-coordinate rules with float32/float64 arrays."""
-    if trace.tensor_buffers or trace.has_statistic:
-        raise NotImplementedError("an elementwise kernel takes per-coordinate rules only")
-    if any(d in HALF for d in trace.dtypes.values()):
-        raise NotImplementedError("the CUDA elementwise body takes float32 and float64 only")
-    lines = [f"{value_type(n.dtype)} {n.name} = {expression(n)};" for n in trace.nodes]
-    lines += [f"{out} = {_code(value)};" for out, value, _ in trace.outputs]
-    return "\n".join(lines)

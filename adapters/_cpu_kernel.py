@@ -104,15 +104,22 @@ def _compiled(tensor_rule, description, dtypes, decays, negate_grad):
         return error
 
 
-def _build(tensor_rule, description, dtypes, decays, negate_grad):
+def traced(tensor_rule, description: tuple, dtypes: tuple, decays: bool,
+           negate_grad: bool = False) -> _elementwise.Trace:
+    """The trace of a kernel (every printer's input) for ``dtypes`` (param, grad, state,
+    state of one value per tensor), or :class:`KernelUnavailable`."""
     names = dict(zip(("param", "grad", "state", "tensor_state"), dtypes))
     try:
-        trace = _elementwise.trace(tensor_rule, description, names, decays=decays,
-                                   negate_grad=negate_grad)
+        return _elementwise.trace(tensor_rule, description, names, decays=decays,
+                                  negate_grad=negate_grad)
     except (NotImplementedError, AttributeError, TypeError) as error:
         # e.g. a rule of the user's calling a function that kernels do not have
         raise KernelUnavailable(f"{tensor_rule.name} cannot be traced into a kernel: "
                                 f"{error}") from error
+
+
+def _build(tensor_rule, description, dtypes, decays, negate_grad):
+    trace = traced(tensor_rule, description, dtypes, decays, negate_grad)
     name = f"mvn_core_{tensor_rule.name}_step"
     kernel = _c_source.cpu_kernel(trace, name)
     return kernel, _native.function(kernel.source, name)
@@ -159,13 +166,15 @@ class Launch(NamedTuple):
 
 
 def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
-         takes: Callable[[int], bool], negate_grad: bool = False
+         takes: Callable[[int], bool], negate_grad: bool = False, build: Callable | None = None
          ) -> tuple[list[Launch], list[int]]:
     """The launches of one step, and the tensors left to another path: those that
     ``takes`` refuses (``takes(i)``: the library's conditions, e.g. device and
     contiguity), whose dtypes have no kernel, or whose kernel cannot be built.  Every
     kernel is compiled here, before anything is written.  ``negate_grad``: the rule
-    gets ``-g`` (``maximize``)."""
+    gets ``-g`` (``maximize``).  ``build``: whether a kernel can be built, and builds
+    it (:func:`buildable`'s arguments; default :func:`buildable`, the CPU kernel)."""
+    build = build or buildable
     launches, rest = [], []
     element, per_tensor = split_buffers(tensor_rule, columns)
     for members, dtype in same_dtypes(xp, tensor_rule, params, grads, columns):
@@ -174,7 +183,7 @@ def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
             rest += members
             continue
         c = tensor_rule.scalars(xp, new_count, dtype, hyper)
-        if buildable(tensor_rule, c, names, decays, negate_grad):
+        if build(tensor_rule, c, names, decays, negate_grad):
             launches.append(Launch(members, dtype, names, c))
         else:
             rest += members

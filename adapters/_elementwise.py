@@ -4,8 +4,8 @@ one kernel generator of the project.
 The rule's ``step_tensor`` (its pure mathematics, written against the Array API) runs
 once on :class:`Value` stand-ins: each operation records a :class:`Node` instead of
 computing.  The printers turn the graph into kernels: C for the CPU
-(:mod:`._native_kernel`), the body of a CuPy elementwise kernel (:mod:`._cupy_fused`)
-and Triton (:mod:`._triton_kernel`).  Nothing of the mathematics is written in this
+(:mod:`._c_source`), CUDA C for CuPy (:mod:`._cuda_source`) and Triton for torch on
+CUDA (:mod:`._triton_kernel`).  Nothing of the mathematics is written in this
 module or in a printer: a change to the rule changes every kernel.
 
 Rounding is the pure rule's, operation by operation, provided the compiler neither

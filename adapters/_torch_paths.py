@@ -30,7 +30,7 @@ import torch
 from mvn_core._rule import next_count
 from mvn_core.registry import Rule
 
-from . import _cpu_kernel
+from . import _cpu_kernel, _triton_kernel
 from ._torch_lists import TensorList
 from ._torch_lists import namespace as lists
 
@@ -73,7 +73,13 @@ def kernel(rule: Rule, params, grads, columns, count, hyper, statistics=None, st
     their dtypes.  Tensors it does not take (on another device than the CPU, not
     contiguous, or of other dtypes) run :func:`multi_tensor`; with ``strict``
     (``fused=True``) they are refused instead, before anything is written.
-    ``statistics``: as for :func:`multi_tensor`."""
+    ``statistics``: as for :func:`multi_tensor`.  On CUDA the kernel is generated in
+    Triton (:mod:`._triton_kernel`), likewise."""
+    if params and _triton_kernel.steps_on(params[0].device):
+        device = params[0].device
+        return _triton_kernel.torch_step(rule, params, grads, columns, count,
+                                         {k: _on(v, device) for k, v in hyper.items()},
+                                         statistics, strict, fallback=multi_tensor)
     tensor_rule = rule.tensor_rule
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)

@@ -55,8 +55,9 @@ class ArrayOptimizer:
     first use, cached on disk; bit for bit the pure rule on NumPy), where the arrays
     are contiguous and a C compiler is found, else the pure rule; on CuPy arrays, the
     pure rule.  ``True``: the generated kernel, on NumPy as above (an error where it
-    cannot run) and on CuPy one traced elementwise kernel per array (per-coordinate
-    rules).  ``False``: the pure rule, always.
+    cannot run) and on CuPy one generated CUDA kernel launch for all arrays
+    (:mod:`._cupy_fused`; C-contiguous float16, float32 and float64 arrays).
+    ``False``: the pure rule, always.
 
     ``skip_nonfinite=True`` (a public attribute, changeable between steps) skips every
     step whose gradients hold a NaN or an Inf: params, state and GAN's state stay as
@@ -82,7 +83,7 @@ class ArrayOptimizer:
         self._library = _library_of(params)
         _check_writable(params)
         _check_disjoint(params)
-        self._path = _path_of(fused, self.rule, self._library)
+        self._path = _path_of(fused, self._library)
         self.skip_nonfinite = _checked_flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps = 0
         self.params = params
@@ -293,19 +294,14 @@ def _checked_flag(name: str, value: Any) -> bool:
     return value
 
 
-def _path_of(fused: Any, rule: Rule, library: str) -> str:
+def _path_of(fused: Any, library: str) -> str:
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"fused must be None, True or False, got {fused!r}")
     if fused is False:
         return "pure"
     if library == "numpy":
         return "kernel-only" if fused else "kernel"
-    if not fused:
-        return "pure"
-    if not rule.per_coordinate:
-        raise ValueError(f"fused=True on CuPy needs a per-coordinate rule; {rule.name} has a "
-                         "per-tensor norm (it runs the pure rule)")
-    return "cupy-kernel"
+    return "cupy-kernel" if fused else "pure"
 
 
 def _numpy_kernel_step(rule: Rule, state: Any, params: tuple, grads: list, hyper: dict) -> Any:

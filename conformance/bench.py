@@ -375,9 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated backends of {','.join(BENCHES)} "
                              f"(default {','.join(DEFAULT_BACKENDS)})")
     parser.add_argument("--paths", type=_names(known_paths, "paths"), default=None,
-                        help="comma-separated paths: ours reference, multi_tensor, fused "
-                             "(torch), jit (JAX), arrays (NumPy, CuPy); the peers' foreach, "
-                             "fused, loop, jit (default: all; the baselines always run)")
+                        help="comma-separated paths: ours kernel, multi_tensor, reference "
+                             "(torch), jit (JAX), arrays (NumPy), fused (CuPy); the peers' "
+                             "foreach, fused, loop, jit (default: all; the baselines always run)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="auto: each backend on its GPU where it has one, else the CPU")
     parser.add_argument("--n", type=count, default=None,

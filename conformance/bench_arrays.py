@@ -1,7 +1,8 @@
 """NumPy and CuPy in ``mvn-core bench``: our in-place optimizers over arrays
-(:mod:`mvn_core.adapters.arrays`, path ``arrays``): the pure rule, then ``p += update``.
-No peer runs here, so these rows are compared with the copy bandwidth only.  CuPy runs
-on GPUs only; NumPy on the CPU only."""
+(:mod:`mvn_core.adapters.arrays`): on NumPy their default (path ``arrays``: the
+generated C kernel), on CuPy ``fused=True`` (path ``fused``: the generated CUDA
+kernel; CuPy's default is the pure rule).  No peer runs here, so these rows are
+compared with the copy bandwidth only.  CuPy runs on GPUs only; NumPy on the CPU only."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from mvn_core import backends
 from .bench_timing import (OURS, BackendBench, Case, MemoryProbe, Stepper, Workload,
                            hyperparameters, split_sizes)
 
-PATH = "arrays"
 KINDS = {"numpy": "cpu", "cupy": "gpu"}  # where each library runs
+PATHS = {"numpy": ("arrays", {}), "cupy": ("fused", {"fused": True})}  # name, options
 
 
 def _library(name):
@@ -82,7 +83,8 @@ class PoolMemory:
 def _ours(name: str, rule_name: str, work: Workload) -> Stepper:
     from mvn_core.adapters.arrays import OPTIMIZERS
 
-    optimizer = OPTIMIZERS[rule_name](list(work.params), **hyperparameters(rule_name))
+    options = PATHS[name][1]
+    optimizer = OPTIMIZERS[rule_name](list(work.params), **options, **hyperparameters(rule_name))
     synchronize = backends.get(name).synchronize
 
     def step():
@@ -97,7 +99,7 @@ def _ours(name: str, rule_name: str, work: Workload) -> Stepper:
 
 
 def _cases(name: str) -> list[Case]:
-    return [Case(name, rule.name, OURS, PATH, functools.partial(_ours, name, rule.name))
+    return [Case(name, rule.name, OURS, PATHS[name][0], functools.partial(_ours, name, rule.name))
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"]
 
 

@@ -197,15 +197,20 @@ def cases() -> list[Case]:
 def first_steps(work: Workload) -> dict:
     """Seconds of MVN-Grad's first default step (state made, kernel built), from an
     empty kernel cache (it compiles) and from a warm one (a new process's start: it
-    loads the compiled kernel), each on a fresh optimizer."""
+    loads the compiled kernel), each on a fresh optimizer.  On CUDA, Triton's cache of
+    compiled kernels is emptied alike."""
+    import os
     import tempfile
+    from unittest import mock
 
-    from mvn_core.adapters import _cpu_kernel, torch as adapters
+    from mvn_core.adapters import _cpu_kernel, _triton_kernel, torch as adapters
 
     seconds = {}
-    with tempfile.TemporaryDirectory() as folder, _cpu_kernel.cache_dir_set_to(folder):
+    with tempfile.TemporaryDirectory() as folder, _cpu_kernel.cache_dir_set_to(folder), \
+            mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": os.path.join(folder, "triton")}):
         for cache in ("cold", "warm"):
             _cpu_kernel.forget_compiled()  # as a new process starts
+            _triton_kernel.forget_compiled()
             params = [p.detach().clone().requires_grad_() for p in work.params]
             for p, g in zip(params, work.grads):
                 p.grad = g
@@ -215,7 +220,8 @@ def first_steps(work: Workload) -> dict:
             backends.get(NAME).synchronize()
             seconds[f"{cache}_s"] = time.perf_counter() - started
             del opt, params
-    _cpu_kernel.forget_compiled()  # the benchmark's other rows use the usual cache
+    _cpu_kernel.forget_compiled()  # the benchmark's other rows use the usual caches
+    _triton_kernel.forget_compiled()
     return seconds
 
 

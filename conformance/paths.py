@@ -58,6 +58,8 @@ class Path:
     # "ieee", the rule's mathematics in IEEE arithmetic from that backend's step scalars
     # (:func:`~.trajectories.ieee_trajectory`: what the generated kernels compute).
     exact: str | None = None
+    # Why it cannot run here beyond a missing module (no GPU, say), or None.
+    needs: Callable[[], str | None] | None = None
 
     def applies_to(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -67,7 +69,9 @@ class Path:
 
     def unavailable_reason(self) -> str | None:
         absent = [m for m in self.requires if importlib.util.find_spec(m) is None]
-        return f"{', '.join(absent)} is not installed" if absent else None
+        if absent:
+            return f"{', '.join(absent)} is not installed"
+        return self.needs() if self.needs else None
 
 
 PATHS: dict[str, Path] = {}
@@ -251,7 +255,21 @@ register(dataclasses.replace(
 register(dataclasses.replace(
     torch_adapter_path("torch-reference", "mvn_core.adapters.torch optimizers calling the "
                        "pure rule (foreach=False)", foreach=False), exact="pure"))
+# The GPU's generated kernels, one launch per step for all tensors, in IEEE arithmetic
+# like the CPU's.
 register(Path("arrays-fused", functools.partial(run_arrays_adapter, fused=True), ("cupy",),
-              "mvn_core.adapters.arrays on CuPy, fused=True (one traced kernel per tensor)",
-              rules=tuple(n for n, r in mvn_core.rules.items() if r.per_coordinate),
-              exact="pure"))
+              "mvn_core.adapters.arrays on CuPy, fused=True (the generated CUDA kernel)",
+              rules=tuple(n for n, r in mvn_core.rules.items() if r.tensor_rule is not None),
+              exact="ieee"))
+
+
+def _no_cuda() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA device (it checks the Triton kernel)"
+
+
+register(dataclasses.replace(
+    torch_adapter_path("torch-fused", "mvn_core.adapters.torch optimizers with fused=True: "
+                       "the generated kernel strictly (Triton on CUDA, C on the CPU)", fused=True),
+    exact="ieee", requires=("torch", "triton"), needs=_no_cuda))

@@ -41,7 +41,8 @@ def core_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
     return out
 
 
-def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None, **hyper):
+def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None,
+                    state_dtype=None, **hyper):
     """The rule's per-tensor mathematics (``TensorRule.step_tensor``) evaluated in IEEE
     arithmetic, each operation correctly rounded (on NumPy), from the step's scalars and
     the statistics that the backend's library computes: what the generated kernels
@@ -49,7 +50,8 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
 
     It differs from the pure rule run on the backend itself only where the library's
     own elementwise operations are not correctly rounded (PyTorch's CPU square root,
-    for one, is not).  bfloat16 is held in NumPy through ``ml_dtypes``.
+    for one, is not).  bfloat16 is held in NumPy through ``ml_dtypes``.  ``state_dtype``
+    goes to the rule's init (e.g. float32 state for bfloat16 params).
     """
     import array_api_compat
     import array_api_compat.numpy as npx
@@ -61,7 +63,7 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
     decays = tensor_rule.decays(hyper)
     params = [lib.from_numpy(a, device=device, dtype=dtype) for a in problem.params]
     xp = array_api_compat.array_namespace(*params)
-    state = rule.init(params)
+    state = rule.init(params, state_dtype=state_dtype)
     count = state.count
     host = [_host(lib, p) for p in params]
     columns = [[_host(lib, b) for b in column] for column in state[1:]]

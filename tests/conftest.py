@@ -8,6 +8,8 @@ target supports.  Targets whose library or device is missing are reported as ski
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -43,3 +45,19 @@ def pytest_generate_tests(metafunc):
         params += [pytest.param(target, d, id=f"{target.id}-{d}", marks=marks) for d in dtypes]
     names = ("target", "dtype") if with_dtype else ("target",)
     metafunc.parametrize(names if with_dtype else "target", params)
+
+
+@pytest.fixture
+def assert_ieee_ptx():
+    """A check of a GPU kernel's PTX (NVIDIA's assembly): each operation rounds to
+    nearest as in IEEE arithmetic, as the CPU's kernels do: no fused multiply-add, no
+    approximate instruction, no flushing of subnormals to zero; and, where the kernel
+    divides and takes square roots (``divides``), the IEEE ones of ``width`` (f32/f64)."""
+    def check(ptx: str, width: str, divides: bool = True) -> set:
+        instructions = set(re.findall(r"(?<![\w.%])([a-z]+(?:\.[a-z0-9]+)+)", ptx))
+        assert not {i for i in instructions if i.startswith("fma")}
+        assert not {i for i in instructions if ".approx" in i or ".ftz" in i}
+        if divides:
+            assert {f"div.rn.{width}", f"sqrt.rn.{width}"} <= instructions
+        return instructions
+    return check

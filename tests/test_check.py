@@ -57,10 +57,13 @@ def test_a_path_may_take_some_rules_or_need_a_module(monkeypatch):
                         paths.Path("only-sgd", paths.run_pure, None, "", rules=("sgd",)))
     monkeypatch.setitem(paths.PATHS, "elsewhere",
                         paths.Path("elsewhere", paths.run_pure, None, "", requires=("no_such",)))
+    monkeypatch.setitem(paths.PATHS, "on-a-gpu",
+                        paths.Path("on-a-gpu", paths.run_pure, None, "", needs=lambda: "no GPU"))
     cells, skipped = check.plan(check.Selection(rules=("sgd", "adam"), backends=("numpy",),
-                                                   paths=("only-sgd", "elsewhere")))
+                                                   paths=("only-sgd", "elsewhere", "on-a-gpu")))
     assert {(c.rule, c.path) for c in cells} == {("sgd", "only-sgd")}
-    assert [(k.path, k.reason) for k in skipped] == [("elsewhere", "no_such is not installed")]
+    assert [(k.path, k.reason) for k in skipped] == [("elsewhere", "no_such is not installed"),
+                                                     ("on-a-gpu", "no GPU")]
 
 
 def test_every_installed_path_passes_for_two_rules(capsys):

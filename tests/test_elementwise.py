@@ -3,9 +3,8 @@ as one multi-tensor C function (``_c_source``), compiled and cached (``_native``
 
 The CPU kernel must reproduce the pure rule on NumPy bit for bit, for every rule with
 per-tensor mathematics and every setting of the check; its compilation must be cached
-on disk; its square roots must be inlined (vectorizable); the CUDA elementwise body
-must compile with nvcc; and on a GPU the CuPy optimizers' ``fused=True`` path must
-reproduce the pure rule on CuPy bit for bit.
+on disk; and its square roots must be inlined (vectorizable).  The GPU's printers are
+tested in ``test_triton_kernel.py`` and ``test_cuda_kernel.py``.
 """
 
 from __future__ import annotations
@@ -19,13 +18,11 @@ import numpy as np
 import pytest
 
 import mvn_core
-from mvn_core import backends
 from mvn_core.adapters import _c_source, _cpu_kernel, _elementwise, _native, arrays
 from mvn_core.conformance.cases import cases
 
 KERNEL_RULES = [n for n, r in mvn_core.rules.items() if r.tensor_rule is not None]
 CASES = [case for case in cases(KERNEL_RULES)]
-PER_COORDINATE = [n for n in KERNEL_RULES if mvn_core.rules[n].per_coordinate]
 SHAPES = [(), (0,), (7,), (5, 4), (_cpu_kernel.CHUNK + 3,), (0, 3), (2, 3, 2, 3)]
 HAS_COMPILER = _cpu_kernel.unavailable_reason() is None
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler")
@@ -244,72 +241,3 @@ def test_a_rule_the_tracer_cannot_take_falls_back(monkeypatch):
     _cpu_kernel._warn_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="exp is not in the Array-API subset"):
         assert not _cpu_kernel.buildable(odd, c, ("float32",) * 3, False)
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler (nvcc)")
-def test_the_cuda_elementwise_body_compiles_as_device_code(tmp_path):
-    trace, _ = _kernel_of("maxva")  # the most operations: where, clip, isfinite, bools
-    inputs = [i for i in trace.inputs if not i.name.startswith(("p", "b_"))]
-    outputs = ["p"] + [f"b_{n}" for n in trace.buffer_names]
-    c_types = {"float32": "float", "float64": "double", "bool": "bool"}
-    types = {i.name: c_types[i.dtype] for i in trace.inputs}
-    args = [f"const {types[i.name]}* {i.name}_" if i.kind == "element" else
-            f"{types[i.name]} {i.name}" for i in inputs]
-    args += [f"{types[n]}* {n}_" for n in outputs]
-    refs = [f"const {types[i.name]} {i.name} = {i.name}_[k];" for i in inputs if i.kind == "element"]
-    refs += [f"{types[n]}& {n} = {n}_[k];" for n in outputs]
-    source = tmp_path / "kernel.cu"
-    source.write_text(
-        f"__global__ void step(long n, {', '.join(args)}) {{\n"
-        "  for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n;"
-        " k += gridDim.x * (long)blockDim.x) {\n" + "\n".join(refs) + "\n"
-        + _c_source.elementwise_body(trace) + "\n  }\n}\n")
-    run = subprocess.run(["nvcc", "-c", "--fmad=false", "-std=c++17", "-o", str(tmp_path / "k.o"),
-                          str(source)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-
-
-CUPY = backends.get("cupy").unavailable_reason()
-
-
-@pytest.mark.skipif(CUPY is not None, reason=CUPY or "")
-@pytest.mark.parametrize("name", PER_COORDINATE)
-def test_cupy_fused_path_is_the_pure_rule_bit_for_bit(name):
-    import cupy
-
-    from mvn_core.adapters import _cupy_fused
-
-    rule = mvn_core.rules[name]
-    rng = np.random.default_rng(3)
-    shapes = [(513, 7), (33,), (), (0, 4)]
-    host = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    fused_params = [cupy.asarray(h) for h in host]
-    plain_params = [cupy.asarray(h) for h in host]
-    extra = {"momentum": 0.9} if name == "sgd" else {}
-    fused = arrays.OPTIMIZERS[name](fused_params, fused=True, lr=0.01, weight_decay=0.1, **extra)
-    plain = arrays.OPTIMIZERS[name](plain_params, lr=0.01, weight_decay=0.1, **extra)
-    for step in range(5):
-        for opt in (fused, plain):  # a schedule: arguments change, the kernel does not
-            opt.hyperparameters["lr"] = 0.01 * 0.9 ** step
-        grads = [cupy.asarray(rng.standard_normal(s).astype(np.float32)) for s in shapes]
-        fused.step(grads)
-        plain.step(grads)
-        if step == 0:
-            kernels = _cupy_fused._compiled.cache_info().currsize
-    assert _cupy_fused._compiled.cache_info().currsize == kernels
-    for a, b in zip(fused_params, plain_params):
-        cupy.testing.assert_array_equal(a, b)
-    for a, b in zip(fused.state[1:], plain.state[1:]):
-        for x, y in zip(a, b):
-            cupy.testing.assert_array_equal(x, y)
-    with pytest.raises(ValueError, match="arrays"):  # the rule's own checks come first
-        fused.step(grads[:1])
-
-
-def test_fused_on_cupy_needs_a_per_coordinate_rule():
-    if CUPY is not None:
-        pytest.skip(f"CuPy: {CUPY}")
-    import cupy
-
-    with pytest.raises(ValueError, match="needs a per-coordinate rule"):
-        arrays.NovoGrad([cupy.ones(3)], fused=True)
