@@ -55,12 +55,13 @@ class Comparison:
 def reference_bounds(rule: str, hyper: dict, dtype: str, problem, reference, alphas=None) -> list:
     """Per step and tensor, the largest allowed ``|x - x*|`` of a run in ``dtype``.
 
-    For GAN ``alphas`` are the oracle's global factors per step (computed here when not
-    given); the other rules need the problem's initial parameters and the reference.
+    For a transform (GAN) ``alphas`` are the oracle's global factors per step (computed
+    here when not given); the other rules need the problem's initial parameters and the
+    reference.
     """
-    if rule == "gan":
+    if oracle.ENTRIES[rule].transform is not None:
         if alphas is None:
-            alphas = [oracle.gan_with_scale(grads, **hyper)[1] for grads in problem.grads]
+            alphas = [oracle.transformed(rule, grads, **hyper)[1] for grads in problem.grads]
         return [gan_bounds(dtype, grads, ref, alpha)
                 for grads, ref, alpha in zip(problem.grads, reference, alphas)]
     full = dict(oracle.DEFAULTS[rule], **hyper)

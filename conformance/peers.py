@@ -2,7 +2,8 @@
 
 Each :class:`PeerCheck` runs a rule of the core (the pure functions, on NumPy) and a
 peer (``torch.optim``, optax, timm, ``adabelief-pytorch``), configured as docs/algorithms.md
-lists, on the same :mod:`.problems` problem, and compares the parameters after every
+lists, on the same :mod:`.problems` problem: every peer of every rule's oracle entry
+(:class:`.oracle.Peer`), and compares the parameters after every
 step (or, for the relations of MVN-Grad, a state buffer).  A peer's library is imported
 only when its check runs, never when this module is imported.
 
@@ -27,7 +28,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import io
 import sys
 import types
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ import numpy as np
 
 import mvn_core
 
+from . import oracle
 from .problems import Problem, make_problem, rounded
 from .tolerance import kappa, machine_eps, trajectory_bounds
 from .trajectories import core_trajectory
@@ -44,8 +45,6 @@ from .trajectories import core_trajectory
 STEPS = 100
 SEED = 20261123
 DTYPES = ("float64", "float32")
-LR = 1e-2
-WD = 0.1
 
 
 @dataclass(frozen=True)
@@ -218,189 +217,21 @@ def _core_state(check: PeerCheck, problem: Problem, dtype: str) -> list:
     return out
 
 
-def mvn_as_laprop(problem: Problem, dtype: str, **hyper) -> list:
-    """MVN-Grad driven so that its variance sees ``g^2`` instead of ``(g - m)^2``.
+# --- the table of checks: the peers of every rule's oracle entry ----------------------
 
-    Before each step the state's mean is set to ``m = -(1 - b1) / b1 * g``, so that
-    the rule's own ``m_t = b1 m + (1 - b1) g`` is zero (to rounding; exactly zero when
-    ``(1 - b1) / b1`` is a power of two, e.g. ``b1 = 0.5``) and ``(g - m_t)^2 = g^2``.
-    With ``eps_s = 0`` the rule's remaining equations are LaProp's, its ``u`` being
-    LaProp's momentum: the parameters after each step (NumPy, like
-    :func:`~.trajectories.core_trajectory`).
-    """
-    b1 = hyper.get("b1", mvn_core.rules["mvn"].defaults["b1"])
-    params = [np.asarray(p, dtype=dtype) for p in problem.params]
-    state = mvn_core.mvn_init(params)
-    out = []
-    for grads in problem.grads:
-        grads = [np.asarray(g, dtype=dtype) for g in grads]
-        state = state._replace(m=tuple(-(1 - b1) / b1 * g for g in grads))
-        updates, state = mvn_core.mvn_update(state, grads, params, **hyper)
-        params = mvn_core.apply_updates(params, updates)
-        out.append([np.asarray(p, dtype=np.float64) for p in params])
-    return out
+def _check(rule_name: str, peer: oracle.Peer) -> PeerCheck:
+    ours, theirs = peer.state or (None, None)
+    run = _run_torch if peer.library == "torch" else _run_optax
+    return PeerCheck(
+        rule_name, peer.name, dict(peer.hyper), functools.partial(run, peer.make, state=theirs),
+        peer.requires, state=ours,
+        run_core=None if peer.core is None else functools.partial(peer.core, mvn_core),
+        bias_corrected=peer.bias_corrected, scalars_in_run_dtype=peer.scalars_in_run_dtype,
+        model_rule=peer.model_rule, note=peer.note)
 
 
-# --- the table of checks ------------------------------------------------------------
-
-def _betas(h, first="b1", second="b2"):
-    return (h[first], h[second])
-
-
-def _torch_adam(params, h):
-    return _torch().optim.Adam(params, lr=h["lr"], betas=_betas(h), eps=h["eps"],
-                               weight_decay=h["weight_decay"])
-
-
-def _torch_adamw(params, h):
-    return _torch().optim.AdamW(params, lr=h["lr"], betas=_betas(h), eps=h["eps"],
-                                weight_decay=h["weight_decay"])
-
-
-def _torch_adamw_for_maxva(params, h):
-    return _torch().optim.AdamW(params, lr=h["lr"], betas=_betas(h, "b1", "b2_max"),
-                                eps=h["eps"], weight_decay=h["weight_decay"])
-
-
-def _torch_sgd(params, h):
-    return _torch().optim.SGD(params, lr=h["lr"], momentum=h["momentum"],
-                              nesterov=h["nesterov"], weight_decay=h["weight_decay"])
-
-
-def _optax_adam(optax, h):
-    return optax.adam(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=0.0)
-
-
-def _optax_adamw(optax, h):
-    return optax.adamw(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=0.0,
-                       weight_decay=h["weight_decay"])
-
-
-def _optax_novograd(optax, h):
-    return optax.novograd(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=0.0,
-                          weight_decay=h["weight_decay"])
-
-
-def _optax_sgd(optax, h):
-    return optax.sgd(h["lr"], momentum=h["momentum"], nesterov=h["nesterov"])
-
-
-def _optax_adabelief(optax, h):
-    return optax.chain(optax.scale_by_belief(h["b1"], h["b2"], eps=h["eps"], eps_root=h["eps"]),
-                       optax.add_decayed_weights(h["weight_decay"]),
-                       optax.scale_by_learning_rate(h["lr"]))
-
-
-def _optax_belief_variance(optax, h):
-    return optax.scale_by_belief(h["b1"], h["b2"], eps=0.0, eps_root=h["eps_s"])
-
-
-def _timm_laprop(params, h):
-    return timm_optim("laprop").LaProp(params, lr=h["lr"], betas=_betas(h), eps=h["eps"])
-
-
-def _timm_novograd(params, h):
-    return timm_optim("nvnovograd").NvNovoGrad(
-        params, lr=h["lr"], betas=_betas(h), eps=h["eps"], weight_decay=h["weight_decay"],
-        grad_averaging=h["grad_averaging"])
-
-
-def _timm_adabelief(params, h, eps="eps"):
-    return timm_optim("adabelief").AdaBelief(
-        params, lr=h["lr"], betas=_betas(h), eps=h[eps], weight_decay=h.get("weight_decay", 0.0),
-        decoupled_decay=True, rectify=False)
-
-
-def _official_adabelief(params, h, eps="eps"):
-    from adabelief_pytorch import AdaBelief
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings, even when asked not to
-        return AdaBelief(params, lr=h["lr"], betas=_betas(h), eps=h[eps],
-                         weight_decay=h.get("weight_decay", 0.0), weight_decouple=True,
-                         fixed_decay=False, rectify=h.get("rectify", False),
-                         print_change_log=False)
-
-
-def _torch_check(make, state=None):
-    return functools.partial(_run_torch, make, state=state)
-
-
-def _optax_check(make, state=None):
-    return functools.partial(_run_optax, make, state=state)
-
-
-TORCH, OPTAX = ("torch",), ("jax", "optax")
-TIMM, OFFICIAL = ("torch", "timm"), ("torch", "adabelief_pytorch")
-_MVN_V = "v"
-# The variance relation of MVN-Grad is checked with distinct betas and a visible eps_s.
-VARIANCE = dict(lr=LR, b1=0.8, b2=0.95, eps_s=1e-12)
-
-
-def _checks() -> list[PeerCheck]:
-    sgd = dict(lr=LR, momentum=0.9)
-    nesterov = dict(lr=LR, momentum=0.9, nesterov=True, weight_decay=WD,
-                    coupled_weight_decay=True)
-    return [
-        PeerCheck("adam", "torch.optim.Adam", dict(lr=LR), _torch_check(_torch_adam), TORCH,
-                  bias_corrected=("b1", "b2")),
-        PeerCheck("adam", "torch.optim.Adam(weight_decay) (L2)",
-                  dict(lr=LR, weight_decay=WD, coupled_weight_decay=True),
-                  _torch_check(_torch_adam), TORCH, bias_corrected=("b1", "b2")),
-        PeerCheck("adam", "torch.optim.AdamW", dict(lr=LR, weight_decay=WD),
-                  _torch_check(_torch_adamw), TORCH, bias_corrected=("b1", "b2")),
-        PeerCheck("maxva", "torch.optim.AdamW (b2_min = b2_max = b2)",
-                  dict(lr=LR, b2_min=0.99, b2_max=0.99, weight_decay=WD),
-                  _torch_check(_torch_adamw_for_maxva), TORCH, bias_corrected=("b1", "b2_max"),
-                  note="MaxVA's exact reduction to Adam"),
-        PeerCheck("sgd", "torch.optim.SGD", sgd, _torch_check(_torch_sgd), TORCH),
-        PeerCheck("sgd", "torch.optim.SGD(nesterov, weight_decay)", nesterov,
-                  _torch_check(_torch_sgd), TORCH),
-        PeerCheck("adam", "optax.adam", dict(lr=LR), _optax_check(_optax_adam), OPTAX,
-                  bias_corrected=("b1", "b2")),
-        PeerCheck("adam", "optax.adamw", dict(lr=LR, weight_decay=WD),
-                  _optax_check(_optax_adamw), OPTAX, bias_corrected=("b1", "b2")),
-        PeerCheck("novograd", "optax.novograd", dict(lr=LR, weight_decay=WD),
-                  _optax_check(_optax_novograd), OPTAX),
-        PeerCheck("sgd", "optax.sgd", sgd, _optax_check(_optax_sgd), OPTAX),
-        PeerCheck("sgd", "optax.sgd(nesterov)", dict(lr=LR, momentum=0.9, nesterov=True),
-                  _optax_check(_optax_sgd), OPTAX),
-        PeerCheck("adabelief", "optax.scale_by_belief + add_decayed_weights",
-                  dict(lr=LR, weight_decay=WD), _optax_check(_optax_adabelief), OPTAX,
-                  bias_corrected=("b1", "b2")),
-        PeerCheck("mvn", "optax.scale_by_belief(eps=0, eps_root=eps_s): nu", VARIANCE,
-                  _optax_check(_optax_belief_variance, state="nu"), OPTAX, state=_MVN_V,
-                  note="MVN-Grad's v is AdaBelief's second moment"),
-        PeerCheck("laprop", "timm LaProp", dict(lr=4e-3), _torch_check(_timm_laprop), TIMM,
-                  bias_corrected=("b1", "b2"), scalars_in_run_dtype=True),
-        PeerCheck("mvn", "timm LaProp (MVN-Grad with (g-m)^2 -> g^2, eps_s=0)",
-                  dict(lr=4e-3, eps=1e-15, eps_s=0.0), _torch_check(_timm_laprop), TIMM,
-                  run_core=mvn_as_laprop, bias_corrected=("b1", "b2"),
-                  scalars_in_run_dtype=True, model_rule="laprop",
-                  note="MVN-Grad's reduction to LaProp, driven with a crafted mean"),
-        PeerCheck("novograd", "timm NvNovoGrad", dict(lr=LR, weight_decay=WD),
-                  _torch_check(_timm_novograd), TIMM),
-        PeerCheck("novograd", "timm NvNovoGrad(grad_averaging)",
-                  dict(lr=LR, weight_decay=WD, grad_averaging=True),
-                  _torch_check(_timm_novograd), TIMM),
-        PeerCheck("adabelief", "timm AdaBelief", dict(lr=LR, weight_decay=WD),
-                  _torch_check(_timm_adabelief), TIMM, bias_corrected=("b1", "b2")),
-        PeerCheck("mvn", "timm AdaBelief(eps=eps_s): exp_avg_var", VARIANCE,
-                  _torch_check(functools.partial(_timm_adabelief, eps="eps_s"),
-                               state="exp_avg_var"), TIMM, state=_MVN_V,
-                  note="MVN-Grad's v is AdaBelief's second moment"),
-        PeerCheck("adabelief", "adabelief_pytorch.AdaBelief", dict(lr=LR, weight_decay=WD),
-                  _torch_check(_official_adabelief), OFFICIAL, bias_corrected=("b1", "b2")),
-        PeerCheck("adabelief", "adabelief_pytorch.AdaBelief(rectify)",
-                  dict(lr=LR, weight_decay=WD, rectify=True),
-                  _torch_check(_official_adabelief), OFFICIAL, bias_corrected=("b1", "b2")),
-        PeerCheck("mvn", "adabelief_pytorch.AdaBelief(eps=eps_s): exp_avg_var", VARIANCE,
-                  _torch_check(functools.partial(_official_adabelief, eps="eps_s"),
-                               state="exp_avg_var"), OFFICIAL, state=_MVN_V,
-                  note="MVN-Grad's v is AdaBelief's second moment"),
-    ]
-
-
-CHECKS: tuple[PeerCheck, ...] = tuple(_checks())
+CHECKS: tuple[PeerCheck, ...] = tuple(_check(name, peer) for name in mvn_core.rules
+                                      for peer in oracle.ENTRIES[name].peers)
 
 
 def peers() -> list[tuple[PeerCheck, str | None]]:

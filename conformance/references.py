@@ -62,9 +62,9 @@ def check_problem(steps: int = STEPS, seed: int = SEED) -> Problem:
 
 def oracle_reference(case: Case, problem: Problem) -> Reference:
     trajectory = oracle.trajectory(case.rule, problem.params, problem.grads, **case.hyper)
-    if case.rule != "gan":
+    if oracle.ENTRIES[case.rule].transform is None:
         return Reference(trajectory)
-    alphas = [oracle.gan_with_scale(grads, **case.hyper)[1] for grads in problem.grads]
+    alphas = [oracle.transformed(case.rule, grads, **case.hyper)[1] for grads in problem.grads]
     return Reference(trajectory, alphas)
 
 

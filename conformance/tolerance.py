@@ -24,18 +24,17 @@ gradients) are exactly the oracle's:
 * a reduction over ``n`` entries (NovoGrad's norm, GAN's statistics), summed pairwise
   or in blocks as NumPy, PyTorch and XLA do, adds ``log2(n) + 1`` eps;
 * writing ``theta + update`` rounds once more, by ``eps |theta|``;
-* AdaBelief's rectification computes ``rho_t`` as a small difference of two numbers near
-  ``rho_inf = 2 / (1 - b2) - 1``, each carrying ~3 eps: ``rho_t`` is off by up to
-  ``6 eps rho_inf``, and the step size (a square root of a product of ``rho_t - 4``,
-  ``rho_t - 2`` and ``1 / rho_t``) by half the sum of those relative errors.  (The
-  reference computes it exactly; a step whose ``rho_t`` lies within that error of the
-  threshold 5 could take the other branch, which the tests would report.)
+* what a rule's own arithmetic adds, as its oracle entry says (``Entry.rounding``):
+  AdaBelief's rectification, whose ``rho_t`` is a small difference of two large
+  numbers.  (The reference computes it exactly; a step whose ``rho_t`` lies within
+  that error of the threshold 5 could take the other branch, which the tests would
+  report.)
 
 Summed over the steps, coordinate by coordinate, with the oracle's own updates
 ``u*_t`` and parameters ``theta*_t``::
 
     |theta_T - theta*_T| <= eps * sum_{t<=T} (kappa_t |u*_t| + |theta*_t|)
-    kappa_t = OPS + reduction(n) + sum_{beta in memories} min(t, 1 / (1 - beta))
+    kappa_t = OPS + reduction(n) + sum_{beta in memories} min(t, 1 / (1 - beta)) + own(t)
 
 The bound grows with the number of steps, as rounding does.  It assumes an exact
 reference; the float64 oracle is exact enough for float32 and narrower dtypes, and for
@@ -65,6 +64,8 @@ import math
 import numpy as np
 
 import mvn_core
+
+from . import oracle
 
 OPS = 16
 
@@ -99,18 +100,9 @@ def kappa(rule: str, hyper: dict, t: int, n: int) -> float:
     """The relative error, in eps, of step ``t``'s update of a tensor of ``n`` entries."""
     declared = mvn_core.rules[rule]
     memory = sum(min(t, 1.0 / (1.0 - hyper[name])) for name in declared.memories)
-    rectifying = rule == "adabelief" and hyper.get("rectify", False)
+    own = oracle.ENTRIES[rule].rounding
     return (OPS + memory + (reduction(n) if _reduces(declared) else 0.0)
-            + (rectification(hyper["b2"], t) if rectifying else 0.0))
-
-
-def rectification(b2: float, t: int) -> float:
-    """The relative error, in eps, of the rectified step size at step ``t`` (0 before)."""
-    rho_inf = 2.0 / (1.0 - b2) - 1.0
-    rho = rho_inf - 2.0 * t * b2 ** t / (1.0 - b2 ** t)
-    if rho < 5:
-        return 0.0
-    return 3.0 * rho_inf * (1.0 / (rho - 4.0) + 1.0 / (rho - 2.0) + 1.0 / rho)
+            + (own(hyper, t) if own is not None else 0.0))
 
 
 def _reduces(rule: mvn_core.Rule) -> bool:

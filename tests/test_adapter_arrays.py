@@ -20,8 +20,9 @@ from mvn_core.adapters import arrays
 from mvn_core.conformance.problems import make_problem
 
 NAMES = [name for name, rule in mvn_core.rules.items() if rule.kind == "optimizer"]
-HYPER = {name: {"lr": 0.01, "weight_decay": 0.01} for name in NAMES}
-HYPER["sgd"] = {"lr": 0.01, "weight_decay": 0.01, "momentum": 0.9}
+# Each rule's first checked setting (SGD's: momentum, which keeps state), lr and decay set.
+HYPER = {name: dict((mvn_core.rules[name].settings or ({},))[0], lr=0.01, weight_decay=0.01)
+         for name in NAMES}
 STEPS = 12
 CUPY_MISSING = backends.get("cupy").unavailable_reason()
 needs_cupy = pytest.mark.skipif(CUPY_MISSING is not None, reason=f"CuPy: {CUPY_MISSING}")

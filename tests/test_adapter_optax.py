@@ -28,8 +28,8 @@ from mvn_core.adapters import optax as adapter  # noqa: E402
 from mvn_core.conformance import tolerance  # noqa: E402
 from mvn_core.conformance.problems import make_problem  # noqa: E402
 
-OPTIMIZERS = {"mvn_grad": "mvn", "maxva": "maxva", "novograd": "novograd", "adam": "adam",
-              "adabelief": "adabelief", "laprop": "laprop", "sgd": "sgd"}
+OPTIMIZERS = {rule.function_name: name for name, rule in mvn_core.rules.items()
+              if rule.kind == "optimizer"}
 SHAPES = ((5, 4), (4,), (), (2, 3, 2, 3), (0, 3))
 LR, WD = 1e-2, 0.1
 

@@ -17,11 +17,11 @@ from mvn_core.adapters import torch as adapters  # noqa: E402
 from mvn_core.conformance.problems import make_problem  # noqa: E402
 from mvn_core.conformance.trajectories import core_trajectory, ieee_trajectory  # noqa: E402
 
-CLASSES = {"mvn": adapters.MVNGrad, "maxva": adapters.MaxVA, "novograd": adapters.NovoGrad,
-           "adam": adapters.Adam, "adabelief": adapters.AdaBelief, "laprop": adapters.LaProp,
-           "sgd": adapters.SGD}
-HYPER = {"mvn": {}, "maxva": {}, "novograd": {}, "adam": {}, "adabelief": {"rectify": True},
-         "laprop": {}, "sgd": {"momentum": 0.9}}
+CLASSES = dict(adapters.OPTIMIZERS)
+# Each rule with the option of its last checked setting (the one that changes its
+# equations most: AdaBelief's rectification, SGD's momentum, ...), weight decay apart.
+HYPER = {name: {k: v for k, v in (mvn_core.rules[name].settings or ({},))[-1].items()
+                if k != "weight_decay"} for name in CLASSES}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 STEPS = 30
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import mvn_core
 from mvn_core import backends
+from mvn_core.conformance import oracle
 from mvn_core.conformance.problems import make_problem
 from mvn_core.conformance.trajectories import core_trajectory
 
@@ -36,23 +38,31 @@ def _rtol(dtype):
     return 1e-6 if dtype == "float64" else 1e-5  # eps / |g| is at most 1e-7
 
 
-def test_mvn_first_step_is_minus_lr_sign_over_b1(target, dtype):
+def _settings(name):
+    """The rule's checked settings without weight decay (it would enter the first step)."""
+    out = []
+    for setting in mvn_core.rules[name].settings or ({},):
+        setting = {k: v for k, v in setting.items() if k not in ("weight_decay", "lr")}
+        if setting not in out:
+            out.append(setting)
+    return out
+
+
+CLOSED_FORMS = [(name, setting) for name in mvn_core.rules
+                if oracle.ENTRIES[name].first_direction for setting in _settings(name)]
+
+
+@pytest.mark.parametrize("name,setting", CLOSED_FORMS,
+                         ids=[f"{n}{s}" for n, s in CLOSED_FORMS])
+def test_first_step_is_its_closed_form(target, dtype, name, setting):
+    """E.g. MVN-Grad's ``-lr sign(g) / b1``, Adam's ``-lr sign(g)``, NovoGrad's
+    ``-lr g / |g|``, as each rule's oracle entry writes it (from docs/algorithms.md)."""
+    entry = oracle.ENTRIES[name]
+    h = dict(entry.defaults, **setting)
     g = _gradients(dtype)
-    for u, gi in zip(_first_update(target, dtype, "mvn", g, b1=0.9), g):
-        np.testing.assert_allclose(u, -LR * np.sign(gi) / 0.9, rtol=_rtol(dtype))
-
-
-def test_adam_first_step_is_minus_lr_sign(target, dtype):
-    g = _gradients(dtype)
-    for u, gi in zip(_first_update(target, dtype, "adam", g), g):
-        np.testing.assert_allclose(u, -LR * np.sign(gi), rtol=_rtol(dtype))
-
-
-def test_novograd_first_step_is_minus_lr_g_over_its_norm(target, dtype):
-    g = _gradients(dtype)
-    for u, gi in zip(_first_update(target, dtype, "novograd", g), g):
-        gi = gi.astype(np.float64)
-        np.testing.assert_allclose(u, -LR * gi / np.linalg.norm(gi), rtol=_rtol(dtype))
+    for u, gi in zip(_first_update(target, dtype, name, g, **setting), g):
+        expected = -LR * entry.first_direction(gi.astype(np.float64), h)
+        np.testing.assert_allclose(u, expected, rtol=_rtol(dtype) * entry.first_direction_error(h))
 
 
 def test_maxva_with_one_beta_is_adam(target, dtype):

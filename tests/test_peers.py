@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import mvn_core
-from mvn_core.conformance import peers
+from mvn_core.conformance import oracle, peers
+from mvn_core.conformance.oracle.mvn import as_laprop
 from mvn_core.conformance.problems import make_problem
 
 # The model's tolerances are a few hundred eps at most over 100 steps: "to rounding".
@@ -89,7 +90,7 @@ def test_crafted_mean_makes_mvn_exactly_laprop():
     problem = make_problem(40, seed=11)
     hyper = dict(lr=1e-2, b1=0.5, b2=0.99, eps=1e-12)
     for dtype in ("float64", "float32"):
-        ours = peers.mvn_as_laprop(problem, dtype, eps_s=0.0, **hyper)
+        ours = as_laprop(mvn_core, problem, dtype, eps_s=0.0, **hyper)
         params = [np.asarray(p, dtype=dtype) for p in problem.params]
         state = mvn_core.laprop_init(params)
         for step, grads in zip(ours, problem.grads):
@@ -98,6 +99,13 @@ def test_crafted_mean_makes_mvn_exactly_laprop():
             params = mvn_core.apply_updates(params, updates)
             for x, y in zip(step, params):
                 np.testing.assert_array_equal(x, y)
+
+
+def test_every_rule_has_an_oracle_entry_with_its_peers():
+    """A registered rule without an entry would have no reference: the check fails."""
+    assert set(oracle.ENTRIES) == set(mvn_core.rules)
+    assert {c.rule for c in peers.CHECKS} == {
+        name for name, entry in oracle.ENTRIES.items() if entry.peers}
 
 
 def test_every_relation_of_the_issue_has_a_check():

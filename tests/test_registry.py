@@ -8,19 +8,24 @@ import pytest
 import mvn_core
 from mvn_core.conformance import oracle
 
-NAMES = ("mvn", "gan", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd")
+NAMES = tuple(mvn_core.rules)
+BUILT_IN = ("mvn", "gan", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd")
 
 
 def test_every_rule_is_registered_with_its_public_functions():
-    assert tuple(mvn_core.rules) == NAMES
+    assert set(BUILT_IN) <= set(NAMES) and NAMES[:2] == ("mvn", "gan")  # the flagship first
+    assert [r.order for r in mvn_core.rules.values()] == sorted(
+        r.order for r in mvn_core.rules.values())
     for name, rule in mvn_core.rules.items():
+        entry = oracle.ENTRIES[name]  # every rule has its reference
         assert rule.name == name
         assert rule.init is getattr(mvn_core, f"{name}_init")
         assert rule.update is getattr(mvn_core, f"{name}_update")
+        assert rule.state_type is getattr(mvn_core, rule.state_type.__name__)
         assert type(rule.init([np.ones(2)])) is rule.state_type
-        assert rule.kind == ("transform" if name == "gan" else "optimizer")
+        assert rule.kind == ("transform" if entry.transform else "optimizer")
         assert rule.class_name.isidentifier()
-        assert (rule.tensor_rule is None) == (name == "gan")
+        assert (rule.tensor_rule is None) == (rule.kind == "transform")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -35,9 +40,20 @@ def test_every_rule_documents_its_mathematics(name):
     assert "Returns" in doc and "::" in doc  # the equations as a literal block
 
 
-def test_per_coordinate_flags():
-    per_coordinate = {n for n, r in mvn_core.rules.items() if r.per_coordinate}
-    assert per_coordinate == {"mvn", "maxva", "adam", "adabelief", "laprop", "sgd"}
+def test_per_coordinate_flags_and_buffers_agree_with_the_oracle():
+    """A rule is per coordinate when no value of its step is one per tensor: no buffer
+    (the oracle's restatement) and no statistic."""
+    for name, rule in mvn_core.rules.items():
+        entry = oracle.ENTRIES[name]
+        if rule.tensor_rule is None:
+            assert not rule.per_coordinate
+            continue
+        tensor_rule = rule.tensor_rule
+        assert set(tensor_rule.buffer_names) == set(entry.buffers) | set(entry.tensor_buffers)
+        assert tensor_rule.scalar_buffers == set(entry.tensor_buffers)
+        assert rule.per_coordinate == (not entry.tensor_buffers
+                                       and tensor_rule.statistic is None)
+    assert not mvn_core.rules["novograd"].per_coordinate and mvn_core.rules["mvn"].per_coordinate
 
 
 def test_registry_is_read_only():
