@@ -105,17 +105,24 @@ def _compiled(tensor_rule, description, dtypes, decays, negate_grad):
 
 
 def _build(tensor_rule, description, dtypes, decays, negate_grad):
+    kernel = source(tensor_rule, description, dtypes, decays, negate_grad=negate_grad)
+    return kernel, _native.function(kernel.source, kernel.name)
+
+
+def source(tensor_rule, description: tuple, dtypes: tuple, decays: bool, *,
+           negate_grad: bool = False, in_place: bool = True) -> _c_source.CpuKernel:
+    """The C source of the kernel of :func:`compiled` (``in_place=False``: one that
+    writes the updates instead of the parameters), or
+    :class:`~._native.KernelUnavailable` where the rule cannot be traced."""
     names = dict(zip(("param", "grad", "state", "tensor_state"), dtypes))
     try:
         trace = _elementwise.trace(tensor_rule, description, names, decays=decays,
-                                   negate_grad=negate_grad)
+                                   in_place=in_place, negate_grad=negate_grad)
     except (NotImplementedError, AttributeError, TypeError) as error:
         # e.g. a rule of the user's calling a function that kernels do not have
         raise KernelUnavailable(f"{tensor_rule.name} cannot be traced into a kernel: "
                                 f"{error}") from error
-    name = f"mvn_core_{tensor_rule.name}_step"
-    kernel = _c_source.cpu_kernel(trace, name)
-    return kernel, _native.function(kernel.source, name)
+    return _c_source.cpu_kernel(trace, f"mvn_core_{tensor_rule.name}_step")
 
 
 def step(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool, numel: Sequence[int],
@@ -130,11 +137,16 @@ def step(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool, numel: Se
         table.extend(role)
     scalars = array.array("d", (_double(getattr(c, name)) for name in kernel.scalars))
     counts = array.array("q", numel)
-    total = sum(counts)
+    fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
+       CHUNK, threads_for(sum(counts), threads))
+
+
+def threads_for(total: int, threads: int | None = None) -> int:
+    """The threads of a launch over ``total`` elements: one below :data:`SERIAL`, else
+    ``threads`` (default: the processors this process may run on)."""
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
-       CHUNK, 1 if total < SERIAL else max(1, threads))
+    return 1 if total < SERIAL else max(1, threads)
 
 
 def _address(buffer: array.array) -> int:
