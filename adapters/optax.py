@@ -11,11 +11,29 @@ Three forms, all made by one factory, :func:`_transformation`:
 - ``gan``: a transformation of the gradients, to put in front of another one.
 
 A transformation only moves data: ``update`` flattens the gradient pytree (``None``
-leaves and ``optax.MaskedNode``s have no leaves), calls the pure rule on the flat list
-and rebuilds the tree.  The state is the rule's own NamedTuple (e.g.
-:class:`mvn_core.MVNState`) with each per-tensor field held as a pytree shaped like the
-params, as optax's own states are, so it works with ``jax.jit``, donation, sharding,
-``optax.masked`` and ``optax.MultiSteps``.
+leaves and ``optax.MaskedNode``s have no leaves), steps the flat list and rebuilds the
+tree.  On a CPU the step is the rule's generated kernel (:mod:`._jax_kernel`): one XLA
+custom call for the tensors that share their dtypes, which writes the state where it
+lies when it is donated.  Its results are the rule's mathematics in IEEE arithmetic,
+bit for bit, from the step's scalars as JAX computes them; the jitted pure rule differs
+by a few ulps (XLA contracts ``a * b + c`` into fused multiply-adds, and divides by a
+0-d array through its reciprocal).  Elsewhere (GPUs and TPUs, arrays sharded over
+several devices, no C compiler, under ``jax.vmap`` and in derivatives) the step is the
+pure rule's, the last after one warning.
+
+The state is the rule's own NamedTuple (e.g. :class:`mvn_core.MVNState`): the count,
+then each buffer field either as a pytree shaped like the params, as optax's own states
+are (``state_layout="tree"``), or packed (``"packed"``): a
+:class:`~._jax_kernel.Packed` of one flat array per dtype of the params, which spares
+JAX the handling of one buffer per tensor and field at every call of a jitted step (at
+a thousand tensors that costs more than the arithmetic).  By default ``init`` packs
+where the kernel runs: in a process whose one JAX device is a CPU, with a C compiler;
+sharded params (several devices) keep the tree, laid out as the params.  Both are
+pytrees of arrays, so they work with ``jax.jit``, donation, ``optax.masked``,
+``optax.MultiSteps`` and checkpoints; a packed field's ``.tree()`` gives its buffers
+as a tree shaped like the params.  A checkpoint restores into a state of its own
+layout: where the state is saved on one kind of machine and restored on another, name
+the layout.
 """
 
 from __future__ import annotations
@@ -30,6 +48,8 @@ import optax
 
 import mvn_core
 
+from . import _jax_kernel
+
 __all__ = [
     "mvn_grad", "maxva", "novograd", "adam", "adabelief", "laprop", "sgd", "gan",
     "scale_by_mvn", "scale_by_maxva", "scale_by_novograd", "scale_by_adam",
@@ -37,25 +57,58 @@ __all__ = [
 ]
 
 def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate: Any = None,
-                    negate: bool = False, state_dtype: Any = None) -> optax.GradientTransformation:
+                    negate: bool = False, state_dtype: Any = None,
+                    state_layout: str | None = None) -> optax.GradientTransformation:
     """``rule`` as a transformation; ``learning_rate=None`` calls it without ``lr`` (GAN)."""
     fields = _per_tensor_fields(rule)
 
     def init(params):
         leaves, treedef = jax.tree.flatten(params)
-        return _as_trees(_initial_state(rule, leaves, state_dtype), treedef, fields)
+        state = _initial_state(rule, leaves, state_dtype)
+        if _packs(rule, leaves, state_layout):
+            return _packed(rule, state, leaves, treedef)
+        return _as_trees(state, treedef, fields)
 
     def update(updates, state, params=None):
         grads, treedef = jax.tree.flatten(updates)
         flat_params = None if params is None else _leaves_like(treedef, params, "params")
         rate = {} if learning_rate is None else {"lr": _rate_at(learning_rate, state.count)}
-        out, new_state = rule.update(_as_tuples(state, treedef, fields), grads, flat_params,
-                                     **rate, **hyper)
+        state = _as_tuples(state, treedef, fields)
+        if _jax_kernel.runs(rule.tensor_rule, state, grads, flat_params):
+            out, new_state = _jax_kernel.update(rule, state, grads, flat_params,
+                                                {**rule.defaults, **rate, **hyper})
+        else:
+            out, new_state = rule.update(state, grads, flat_params, **rate, **hyper)
         if negate:  # exact: the rule's update at lr=1 is minus its direction
             out = [-u for u in out]
         return treedef.unflatten(out), _as_trees(new_state, treedef, fields)
 
     return optax.GradientTransformation(init, update)
+
+
+LAYOUTS = (None, "tree", "packed")
+
+
+def _packs(rule: mvn_core.Rule, leaves: list, state_layout: str | None) -> bool:
+    """Whether ``init`` packs the state's buffers: where asked, and by default where the
+    kernel runs, as far as can be known without the arrays' placement (which ``init``
+    under ``jax.jit`` or ``jax.eval_shape`` does not see): in a process whose one JAX
+    device is a CPU, for dtypes the kernel takes, with a C++ compiler."""
+    if rule.tensor_rule is None or not leaves or state_layout == "tree":
+        return False
+    if state_layout == "packed":
+        return True
+    devices = jax.devices()
+    return (len(devices) == 1 and devices[0].platform == "cpu"
+            and _jax_kernel.takes_dtypes(leaves) and _jax_kernel.unavailable_reason() is None)
+
+
+def _packed(rule: mvn_core.Rule, state: Any, leaves: list, treedef: Any) -> Any:
+    groups = _jax_kernel.groups_of(leaves)
+    scalar = rule.tensor_rule.scalar_buffers
+    return state._replace(**{name: _jax_kernel.pack(getattr(state, name), treedef, groups,
+                                                    name in scalar)
+                             for name in _per_tensor_fields(rule)})
 
 
 def _per_tensor_fields(rule: mvn_core.Rule) -> tuple[str, ...]:
@@ -81,15 +134,29 @@ def _rate_at(learning_rate: Any, count: Any) -> Any:
 
 
 def _as_trees(state: Any, treedef: Any, fields: tuple[str, ...]) -> Any:
-    """The rule's state with each per-tensor tuple rebuilt as a tree like the params."""
-    return state._replace(**{name: treedef.unflatten(getattr(state, name)) for name in fields})
+    """The rule's state with each per-tensor tuple rebuilt as a tree like the params
+    (packed buffers stay packed)."""
+    return state._replace(**{name: _tree_of(treedef, getattr(state, name)) for name in fields})
+
+
+def _tree_of(treedef: Any, field: Any) -> Any:
+    return field if isinstance(field, _jax_kernel.Packed) else treedef.unflatten(field)
 
 
 def _as_tuples(state: Any, treedef: Any, fields: tuple[str, ...]) -> Any:
-    """The inverse of :func:`_as_trees`: the per-tensor fields as the rule's flat tuples."""
-    return state._replace(**{name: tuple(_leaves_like(treedef, getattr(state, name),
-                                                       f"state.{name}"))
+    """The inverse of :func:`_as_trees`: the per-tensor fields as the rule's flat tuples
+    (packed buffers stay packed, once found to be the params')."""
+    return state._replace(**{name: _tuple_of(treedef, getattr(state, name), f"state.{name}")
                              for name in fields})
+
+
+def _tuple_of(treedef: Any, field: Any, label: str) -> Any:
+    if not isinstance(field, _jax_kernel.Packed):
+        return tuple(_leaves_like(treedef, field, label))
+    if field.layout.treedef != treedef:
+        raise ValueError(f"{label} is not a tree shaped like the updates: it is packed for "
+                         f"params shaped {field.layout.treedef}, the updates are {treedef}")
+    return field
 
 
 def _leaves_like(treedef: Any, tree: Any, label: str) -> list:
@@ -107,9 +174,10 @@ def _optimizer(public_name: str, rule_name: str) -> Callable[..., optax.Gradient
     rule = mvn_core.rules[rule_name]
     defaults = {name: value for name, value in rule.defaults.items() if name != "lr"}
 
-    def make(learning_rate, state_dtype, **hyper):
-        _check(rule, hyper, learning_rate)
-        return _transformation(rule, hyper, learning_rate=learning_rate, state_dtype=state_dtype)
+    def make(learning_rate, state_dtype, state_layout, **hyper):
+        _check(rule, hyper, learning_rate, state_layout)
+        return _transformation(rule, hyper, learning_rate=learning_rate, state_dtype=state_dtype,
+                               state_layout=state_layout)
 
     return _public(public_name, make, _signature(defaults, rule.defaults["lr"]),
                    _optimizer_doc(rule))
@@ -122,10 +190,10 @@ def _scale_by(rule_name: str) -> Callable[..., optax.GradientTransformation]:
         "lr", "weight_decay", "coupled_weight_decay"}
     defaults = {name: value for name, value in rule.defaults.items() if name not in dropped}
 
-    def make(state_dtype, **hyper):
-        _check(rule, hyper)
+    def make(state_dtype, state_layout, **hyper):
+        _check(rule, hyper, state_layout=state_layout)
         return _transformation(rule, hyper, learning_rate=1.0, negate=True,
-                               state_dtype=state_dtype)
+                               state_dtype=state_dtype, state_layout=state_layout)
 
     return _public(f"scale_by_{rule_name}", make, _signature(defaults), _scale_by_doc(rule))
 
@@ -143,12 +211,16 @@ def _gradient_transform(rule_name: str) -> Callable[..., optax.GradientTransform
     return _public(rule_name, make, signature, _transform_doc(rule))
 
 
-def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None) -> None:
+def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None,
+           state_layout: str | None = None) -> None:
     """Refuse bad hyperparameters when the transformation is made, not at its first step.
 
     Arrays (``optax.inject_hyperparams`` passes them, possibly traced) are checked for
     shape and dtype only, never read; a schedule is not checked.
     """
+    if not (state_layout is None or isinstance(state_layout, str) and state_layout in LAYOUTS):
+        raise ValueError(f"state_layout={state_layout!r}: it is None (chosen by init), "
+                         "'tree' or 'packed'")
     rate = {} if learning_rate is None or callable(learning_rate) else {"lr": learning_rate}
     try:
         rule.check_hyperparameters(**rate, **hyper)
@@ -163,8 +235,8 @@ def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None
 def _signature(defaults: dict[str, Any], default_rate: Any = None) -> inspect.Signature:
     parameters = [] if default_rate is None else [_parameter("learning_rate", default_rate)]
     parameters += [_parameter(name, value) for name, value in defaults.items()]
-    parameters.append(inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY,
-                                        default=None))
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for name in ("state_dtype", "state_layout")]
     return inspect.Signature(parameters, return_annotation=optax.GradientTransformation)
 
 
@@ -189,8 +261,10 @@ def _public(name: str, make: Callable, signature: inspect.Signature, doc: str) -
 
 _STATE_DOC = """\
 The state is :class:`mvn_core.{state}`: ``count``, then each buffer as a pytree
-shaped like the params.  ``state_dtype`` (e.g. ``jnp.float32`` for bfloat16 params)
-is the buffers' dtype (by default the params').  Under ``optax.inject_hyperparams``,
+shaped like the params (``state_layout="tree"``) or packed in one flat array per
+dtype (``"packed"``, the default where the generated kernel runs: one CPU device).
+``state_dtype`` (e.g. ``jnp.float32`` for bfloat16 params) is the buffers' dtype (by
+default the params').  Under ``optax.inject_hyperparams``,
 name it (``"float32"``) or list it in ``static_args``: a dtype is callable, which
 optax would take for a schedule; with bfloat16 params also pass
 ``hyperparam_dtype=jnp.float32``, or optax rounds ``b2=0.999`` to 1."""

@@ -365,7 +365,20 @@ def test_the_torch_paths_each_pass_their_exactness(capsys):
     assert all(c["status"] == "pass" for c in report["cells"])
 
 
-@pytest.mark.parametrize("exact", ["pure", "ieee"])
+def test_the_optax_paths_each_pass_their_exactness(capsys):
+    """The generated kernel (the default on the CPU) is the rule in IEEE arithmetic bit
+    for bit, eagerly and jitted (from the scalars as the jitted step computes them)."""
+    _installed("jax")
+    pytest.importorskip("optax")
+    status, report, _ = _check(capsys, "--rules", "adam,novograd", "--backends", "jax",
+                               "--dtypes", "float32,bfloat16", "--paths",
+                               "pure,optax-adapter,optax-adapter-jit")
+    assert status == 0
+    assert {c["path"] for c in report["cells"]} == {"pure", "optax-adapter", "optax-adapter-jit"}
+    assert all(c["status"] == "pass" for c in report["cells"])
+
+
+@pytest.mark.parametrize("exact", ["pure", "ieee", "ieee-compiled"])
 def test_an_exact_path_that_differs_from_pure_fails(capsys, monkeypatch, exact):
     """A path promised bit for bit (``exact``) fails on any difference from what it
     promises, even one well inside the oracle's bound."""
