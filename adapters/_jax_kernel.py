@@ -570,14 +570,21 @@ def update(rule, state, grads: list, params: list | None, hyper: dict) -> tuple[
 
 
 def _check_packed(tensor_rule, state, grads, params, hyper) -> None:
-    """The pure rule's checks, on the packed buffers seen per tensor (traced only: no
-    array is sliced for it)."""
-    def check(state, grads, params):
-        views = state._replace(**{name: tuple(getattr(state, name).buffers())
-                                  for name in tensor_rule.buffer_names})
-        tensor_rule.checked_call(views, grads, params, hyper)
+    """The pure rule's checks, with each packed buffer seen as an array of its own
+    (abstract: nothing is sliced, and the checks trace no operation on the arrays)."""
+    views = {name: tuple(jax.ShapeDtypeStruct(shape, getattr(state, name).arrays[a].dtype)
+                         for (a, _, _), shape in zip(getattr(state, name).layout.slots,
+                                                     _buffer_shapes(getattr(state, name))))
+             for name in tensor_rule.buffer_names}
 
-    jax.eval_shape(check, state, grads, params)
+    def check(count, views, grads, params):
+        tensor_rule.checked_call(state._replace(count=count, **views), grads, params, hyper)
+
+    jax.eval_shape(check, state.count, views, grads, params)
+
+
+def _buffer_shapes(field: Packed) -> list:
+    return [() if field.layout.per_tensor else shape for shape in field.layout.shapes]
 
 
 def _packed_dtypes(field: Packed) -> list:
