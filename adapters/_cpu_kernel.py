@@ -43,8 +43,9 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"mvn-core runs its slower multi-tensor path instead of a generated "
-                  f"kernel: {reason}", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"mvn-core runs a slower path (PyTorch's multi-tensor kernels, else the "
+                  f"pure rule) instead of a generated kernel: {reason}", RuntimeWarning,
+                  stacklevel=4)
 
 
 def buildable(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool,

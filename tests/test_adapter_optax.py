@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -198,6 +199,10 @@ def test_the_state_is_packed_by_default_on_one_cpu_device():
     leaves, treedef = jax.tree.flatten(state)
     assert all(isinstance(leaf, jax.Array) for leaf in leaves)
     _assert_same(jax.tree.unflatten(treedef, leaves), state)
+    restored = pickle.loads(pickle.dumps(state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    _assert_same(adapter.mvn_grad().update(params, restored, params),
+                 adapter.mvn_grad().update(params, state, params))
     assert isinstance(adapter.gan().init(params), mvn_core.GANState)  # no buffers to pack
 
 
