@@ -51,6 +51,13 @@ from jax.interpreters import ad, batching, mlir
 from . import _c_source, _cpu_kernel, _elementwise, _native
 
 HANDLER = "mvn_core_ffi_step"  # the handler's symbol in every compiled library
+# The most bytes of updates one launch writes.  The updates are temporaries of a jitted
+# step, which XLA's CPU runtime allocates at every call; the C library serves a block
+# above 32 MB with fresh pages from the system, whose first touch costs more than the
+# arithmetic (10M float32 params: 74 ms a step instead of 28).  Launches of 16 MB,
+# each one's updates added to the params before the next writes its own, keep the
+# temporaries to one such block, which the library reuses from call to call.
+LAUNCH_BYTES = 1 << 24
 
 
 def unavailable_reason() -> str | None:
@@ -517,56 +524,83 @@ def update(rule, state, grads: list, params: list | None, hyper: dict) -> tuple[
     tensor) and the new state, its buffers per tensor (tuples) or :class:`Packed` as
     they came.  Everything the pure rule refuses is refused first."""
     tensor_rule = rule.tensor_rule
-    names = tensor_rule.buffer_names
-    fields = {name: getattr(state, name) for name in names}
-    packed = isinstance(fields[names[0]], Packed)
+    buffers = _Buffers({name: getattr(state, name) for name in tensor_rule.buffer_names})
     hyper = tensor_rule.checked_hyperparameters(hyper)
-    if packed:
+    if buffers.layout is not None:
         _check_packed(tensor_rule, state, grads, params, hyper)
-        columns = {name: _packed_dtypes(field) for name, field in fields.items()}
     else:
         call, hyper = tensor_rule.checked_call(state, grads, params, hyper)
         grads, params = call.grads, call.params
-        columns = {name: [b.dtype for b in field] for name, field in fields.items()}
     decays = tensor_rule.decays(hyper)
     count = state.count + 1
-    launches = _launches(tensor_rule, grads, params, columns, packed and fields[names[0]].layout)
-    statistics = tensor_rule.statistics(jnp, [(grads[i], dtype) for members, dtype, _ in launches
-                                              for i in members])
-    stat_of = dict(zip([i for members, _, _ in launches for i in members], statistics))
+    launches = _launches(tensor_rule, grads, params, buffers)
+    order = [i for members, _, _ in launches for i in members]
+    statistics = dict(zip(order, tensor_rule.statistics(
+        jnp, [(grads[i], dtype) for members, dtype, _ in launches for i in members])))
     updates: list = [None] * len(grads)
-    current = {name: (list(field.arrays) if packed else list(field))
-               for name, field in fields.items()}
     scalars: dict = {}
-    for members, dtype, names_of_dtypes in launches:
+    for members, dtype, kernel_dtypes in launches:
         if dtype not in scalars:
             scalars[dtype] = tensor_rule.scalars(jnp, count, dtype, hyper)
         c = scalars[dtype]
-        spec = _spec(tensor_rule, c, names_of_dtypes, decays, grads, members,
-                     fields if packed else None)
+        spec = _spec(tensor_rule, c, kernel_dtypes, decays, grads, members, buffers.layouts())
         operands = [grads[i] for i in members]
         operands += [params[i] for i in members] if decays else []
-        where = members[0] if not packed else fields[names[0]].layout.slots[members[0]][0]
         for name in spec.roles:
-            operands += ([current[name][where]] if packed else
-                         [current[name][i] for i in members])
+            operands += buffers.take(name, members)
         if tensor_rule.statistic is not None:
-            operands.append(jnp.stack([jnp.reshape(stat_of[i], ()) for i in members]))
+            operands.append(jnp.stack([jnp.reshape(statistics[i], ()) for i in members]))
         operands += [getattr(c, name) for name in spec.arrays]
         results = step_p.bind(*operands, spec=spec)
         for i, u in zip(members, results[:len(members)]):
             updates[i] = u
         rest = results[len(members):]
+        per_buffer = spec.counts()[1]
         for name in spec.roles:
-            if packed:
-                current[name][where], rest = rest[0], rest[1:]
-            else:
-                for i, b in zip(members, rest[:len(members)]):
-                    current[name][i] = b
-                rest = rest[len(members):]
-    new = {name: (Packed(tuple(current[name]), fields[name].layout) if packed
-                  else tuple(current[name])) for name in names}
-    return updates, rule.state_type(count, **new)
+            buffers.put(name, members, rest[:per_buffer])
+            rest = rest[per_buffer:]
+    return updates, rule.state_type(count, **buffers.fields())
+
+
+class _Buffers:
+    """The state's buffer fields as a step writes them, launch by launch: per tensor
+    (tuples), or packed (a launch takes, and gives back, its group's arrays)."""
+
+    def __init__(self, fields: dict):
+        self._fields = fields
+        first = next(iter(fields.values()))
+        self.layout = first.layout if isinstance(first, Packed) else None
+        self._arrays = {name: list(field.arrays if self.layout else field)
+                        for name, field in fields.items()}
+
+    def layouts(self) -> list | None:
+        """The packed fields' layouts (None for per-tensor buffers)."""
+        return None if self.layout is None else [f.layout for f in self._fields.values()]
+
+    def dtype(self, name: str, i: int):
+        """The dtype of tensor ``i``'s buffer ``name``."""
+        arrays = self._arrays[name]
+        return (arrays[self.layout.slots[i][0]] if self.layout else arrays[i]).dtype
+
+    def group(self, i: int):
+        """The packed array that holds tensor ``i``'s buffers (None: per tensor)."""
+        return None if self.layout is None else self.layout.slots[i][0]
+
+    def take(self, name: str, members: list) -> list:
+        if self.layout is None:
+            return [self._arrays[name][i] for i in members]
+        return [self._arrays[name][self.group(members[0])]]
+
+    def put(self, name: str, members: list, arrays) -> None:
+        if self.layout is None:
+            for i, a in zip(members, arrays):
+                self._arrays[name][i] = a
+        else:
+            (self._arrays[name][self.group(members[0])],) = arrays
+
+    def fields(self) -> dict:
+        return {name: (Packed(tuple(arrays), self._fields[name].layout) if self.layout
+                       else tuple(arrays)) for name, arrays in self._arrays.items()}
 
 
 def _check_packed(tensor_rule, state, grads, params, hyper) -> None:
@@ -587,11 +621,7 @@ def _buffer_shapes(field: Packed) -> list:
     return [() if field.layout.per_tensor else shape for shape in field.layout.shapes]
 
 
-def _packed_dtypes(field: Packed) -> list:
-    return [field.arrays[a].dtype for a, _, _ in field.layout.slots]
-
-
-def _launches(tensor_rule, grads, params, columns: dict, layout) -> list:
+def _launches(tensor_rule, grads, params, buffers: _Buffers) -> list:
     """The launches of a step: the members (tensor indices), their compute dtype and the
     kernel's dtype names, per group of tensors that share every dtype (and, packed, an
     array)."""
@@ -601,32 +631,46 @@ def _launches(tensor_rule, grads, params, columns: dict, layout) -> list:
     groups: dict[tuple, list[int]] = {}
     for i, g in enumerate(grads):
         key = (g.dtype, None if params is None else params[i].dtype,
-               *(columns[n][i] for n in names), layout and layout.slots[i][0])
+               *(buffers.dtype(n, i) for n in names), buffers.group(i))
         groups.setdefault(key, []).append(i)
     out = []
-    for key, members in groups.items():
-        g_dtype, p_dtype = key[0], key[1]
-        buffers = [columns[n][members[0]] for n in names]
-        dtype = tensor_rule.compute_dtype(jnp, g_dtype, buffers[0],
+    for members in groups.values():
+        first = members[0]
+        g_dtype = grads[first].dtype
+        p_dtype = None if params is None else params[first].dtype
+        dtype = tensor_rule.compute_dtype(jnp, g_dtype, buffers.dtype(names[0], first),
                                           *([] if p_dtype is None else [p_dtype]))
-        kernel = [p_dtype or g_dtype, g_dtype, columns[(element or per_tensor)[0]][members[0]]]
-        kernel += [columns[per_tensor[0]][members[0]]] if per_tensor else []
-        out.append((members, dtype, tuple(_dtype_name(d) for d in kernel)))
+        kernel = [p_dtype or g_dtype, g_dtype, buffers.dtype((element or per_tensor)[0], first)]
+        kernel += [buffers.dtype(per_tensor[0], first)] if per_tensor else []
+        kernel = tuple(_dtype_name(d) for d in kernel)
+        limit = LAUNCH_BYTES // jnp.dtype(kernel[0]).itemsize
+        out += [(part, dtype, kernel) for part in _parts(members, grads, limit)]
     return out
 
 
-def _spec(tensor_rule, c, dtypes, decays, grads, members, packed_fields) -> Spec:
+def _parts(members: list, grads: list, limit: int) -> list[list[int]]:
+    """``members`` cut into runs of at most ``limit`` elements (or one larger tensor)."""
+    parts, size = [[]], 0
+    for i in members:
+        n = int(np.prod(grads[i].shape, dtype=np.int64))
+        if parts[-1] and size + n > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(i)
+        size += n
+    return parts
+
+
+def _spec(tensor_rule, c, dtypes, decays, grads, members, layouts) -> Spec:
     description = _elementwise.describe(c)
     numbers = tuple(float(getattr(c, name)) for name, kind, _ in description if kind == "number")
     shapes = tuple(tuple(grads[i].shape) for i in members)
     offsets = positions = ()
-    if packed_fields is not None:
-        layouts = [field.layout for field in packed_fields.values()]
+    if layouts is not None:
         element = next((l for l in layouts if not l.per_tensor), None)
-        offsets = tuple(element.slots[i][1] for i in members) if element else (0,) * len(members)
         per_tensor = next((l for l in layouts if l.per_tensor), None)
-        positions = (tuple(per_tensor.slots[i][1] for i in members) if per_tensor
-                     else (0,) * len(members))
+        offsets = tuple(element.slots[i][1] if element else 0 for i in members)
+        positions = tuple(per_tensor.slots[i][1] if per_tensor else 0 for i in members)
     total = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes)
     return Spec(tensor_rule, description, dtypes, decays, numbers, shapes,
-                packed_fields is not None, offsets, positions, _cpu_kernel.threads_for(total))
+                layouts is not None, offsets, positions, _cpu_kernel.threads_for(total))

@@ -215,6 +215,27 @@ def test_a_jitted_step_is_one_custom_call_writing_the_donated_state_in_place(lay
 
 
 @needs_compiler
+@pytest.mark.parametrize("layout", ["packed", "tree"])
+def test_launches_are_cut_to_keep_the_temporaries_small(monkeypatch, layout):
+    """A launch writes at most ``LAUNCH_BYTES`` of updates (a larger tensor alone); the
+    parts of a packed array are chained through it in place, with no copies."""
+    monkeypatch.setattr(_jax_kernel, "LAUNCH_BYTES", 64)  # 16 float32 values
+    problem = make_problem(3, seed=2, shapes=JAX_SHAPES)  # 20, 4 + 1, 36 and 0 values
+    transformation = _transformation("novograd", {"weight_decay": 0.1}, state_layout=layout)
+    got, state = _run(transformation, problem, "float32", jit=True)
+    _assert_trajectories_equal(got, ieee_trajectory("novograd", "jax", problem, dtype="float32",
+                                                    compiled=True, weight_decay=0.1))
+    params = _tree(problem.params, jnp.float32)
+
+    def step(params, state, grads):
+        updates, state = transformation.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    assert len(_kernel_calls(hlo)) == 4 and _copies_of_arrays(hlo) == []
+
+
+@needs_compiler
 def test_schedules_and_injected_hyperparameters_compile_nothing_new(monkeypatch):
     """A schedule's rate and injected hyperparameters are operands of the call: new
     values neither retrace nor recompile the step, nor build another kernel."""
