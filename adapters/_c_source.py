@@ -143,9 +143,10 @@ def cpu_kernel(trace: Trace, name: str) -> CpuKernel:
     in_place = "p" in outputs
     if not in_place:
         roles.append("update")
-    role_dtype = {r: (by_name[r].dtype if r in by_name else outputs[r][1]) for r in roles}
-    if "p" not in by_name:
-        role_dtype["p"] = trace.dtypes["param"]
+    # Without weight decay, a kernel writing the update does not read the parameter.
+    role_dtype = {r: (by_name[r].dtype if r in by_name else outputs[r][1])
+                  for r in roles if r != "p"}
+    role_dtype["p"] = trace.dtypes["param"]
 
     lines = [PRELUDE, f"void {name}(int64_t n_tensors, const int64_t *numel, void *const *ptrs,",
              "        const double *scalars, const double *stats, int64_t chunk, int32_t threads)",

@@ -43,8 +43,9 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"mvn-core runs its slower multi-tensor path instead of a generated "
-                  f"kernel: {reason}", RuntimeWarning, stacklevel=4)
+    warnings.warn(f"mvn-core runs a slower path (PyTorch's multi-tensor kernels, else the "
+                  f"pure rule) instead of a generated kernel: {reason}", RuntimeWarning,
+                  stacklevel=4)
 
 
 def buildable(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool,
@@ -105,24 +106,32 @@ def _compiled(tensor_rule, description, dtypes, decays, negate_grad):
 
 
 def traced(tensor_rule, description: tuple, dtypes: tuple, decays: bool,
-           negate_grad: bool = False) -> _elementwise.Trace:
+           negate_grad: bool = False, in_place: bool = True) -> _elementwise.Trace:
     """The trace of a kernel (every printer's input) for ``dtypes`` (param, grad, state,
-    state of one value per tensor), or :class:`KernelUnavailable`."""
+    state of one value per tensor; ``in_place=False``: one that writes the updates
+    instead of the parameters), or :class:`KernelUnavailable`."""
     names = dict(zip(("param", "grad", "state", "tensor_state"), dtypes))
     try:
         return _elementwise.trace(tensor_rule, description, names, decays=decays,
-                                  negate_grad=negate_grad)
+                                  in_place=in_place, negate_grad=negate_grad)
     except (NotImplementedError, AttributeError, TypeError) as error:
         # e.g. a rule of the user's calling a function that kernels do not have
         raise KernelUnavailable(f"{tensor_rule.name} cannot be traced into a kernel: "
                                 f"{error}") from error
 
 
+def source(tensor_rule, description: tuple, dtypes: tuple, decays: bool, *,
+           negate_grad: bool = False, in_place: bool = True) -> _c_source.CpuKernel:
+    """The C source of the kernel of :func:`compiled` (``in_place=False``: one that
+    writes the updates instead of the parameters), or
+    :class:`~._native.KernelUnavailable` where the rule cannot be traced."""
+    trace = traced(tensor_rule, description, dtypes, decays, negate_grad, in_place)
+    return _c_source.cpu_kernel(trace, f"mvn_core_{tensor_rule.name}_step")
+
+
 def _build(tensor_rule, description, dtypes, decays, negate_grad):
-    trace = traced(tensor_rule, description, dtypes, decays, negate_grad)
-    name = f"mvn_core_{tensor_rule.name}_step"
-    kernel = _c_source.cpu_kernel(trace, name)
-    return kernel, _native.function(kernel.source, name)
+    kernel = source(tensor_rule, description, dtypes, decays, negate_grad=negate_grad)
+    return kernel, _native.function(kernel.source, kernel.name)
 
 
 def step(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool, numel: Sequence[int],
@@ -137,11 +146,16 @@ def step(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool, numel: Se
         table.extend(role)
     scalars = array.array("d", (_double(getattr(c, name)) for name in kernel.scalars))
     counts = array.array("q", numel)
-    total = sum(counts)
+    fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
+       CHUNK, threads_for(sum(counts), threads))
+
+
+def threads_for(total: int, threads: int | None = None) -> int:
+    """The threads of a launch over ``total`` elements: one below :data:`SERIAL`, else
+    ``threads`` (default: the processors this process may run on)."""
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
-       CHUNK, 1 if total < SERIAL else max(1, threads))
+    return 1 if total < SERIAL else max(1, threads)
 
 
 def _address(buffer: array.array) -> int:

@@ -92,9 +92,11 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor()} {features.strip()}"
 
 
-def library(source: str) -> ctypes.CDLL:
-    """The compiled shared library of ``source``, from the cache or compiled now."""
+def library(source: str, include_dirs: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled shared library of ``source`` (with the headers of ``include_dirs``),
+    from the cache or compiled now."""
     path, flags, version = compiler()
+    flags += tuple(f"-I{folder}" for folder in include_dirs)
     key = hashlib.sha256("\0".join((source, path, version, *flags, _machine())).encode())
     return _load(str(_built(source, key.hexdigest()[:32], path, flags)))
 

@@ -11,11 +11,29 @@ Three forms, all made by one factory, :func:`_transformation`:
 - ``gan``: a transformation of the gradients, to put in front of another one.
 
 A transformation only moves data: ``update`` flattens the gradient pytree (``None``
-leaves and ``optax.MaskedNode``s have no leaves), calls the pure rule on the flat list
-and rebuilds the tree.  The state is the rule's own NamedTuple (e.g.
-:class:`mvn_core.MVNState`) with each per-tensor field held as a pytree shaped like the
-params, as optax's own states are, so it works with ``jax.jit``, donation, sharding,
-``optax.masked`` and ``optax.MultiSteps``.
+leaves and ``optax.MaskedNode``s have no leaves), steps the flat list and rebuilds the
+tree.  On a CPU the step is the rule's generated kernel (:mod:`._jax_kernel`): one XLA
+custom call for the tensors that share their dtypes, which writes the state where it
+lies when it is donated.  Its results are the rule's mathematics in IEEE arithmetic,
+bit for bit, from the step's scalars as JAX computes them; the jitted pure rule differs
+by a few ulps (XLA contracts ``a * b + c`` into fused multiply-adds, and divides by a
+0-d array through its reciprocal).  Elsewhere (GPUs and TPUs, arrays sharded over
+several devices, no C compiler, under ``jax.vmap`` and in derivatives) the step is the
+pure rule's, the last after one warning.
+
+The state is the rule's own NamedTuple (e.g. :class:`mvn_core.MVNState`): the count,
+then each buffer field either as a pytree shaped like the params, as optax's own states
+are (``state_layout="tree"``), or packed (``"packed"``): a
+:class:`~._jax_kernel.Packed` of one flat array per dtype of the params, which spares
+JAX the handling of one buffer per tensor and field at every call of a jitted step (at
+a thousand tensors that costs more than the arithmetic).  By default ``init`` packs
+where the kernel runs: in a process whose one JAX device is a CPU, with a C compiler;
+sharded params (several devices) keep the tree, laid out as the params.  Both are
+pytrees of arrays, so they work with ``jax.jit``, donation, ``optax.masked``,
+``optax.MultiSteps`` and checkpoints; a packed field's ``.tree()`` gives its buffers
+as a tree shaped like the params.  A checkpoint restores into a state of its own
+layout: where the state is saved on one kind of machine and restored on another, name
+the layout.
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import optax
 import mvn_core
 from mvn_core._rule import check_state_type
 
+from . import _jax_kernel
 from ._common import check_with_learning_rate
 
 __all__ = ["transformation", "scale_by"]  # and, below, every registered rule's factories
@@ -39,14 +58,19 @@ __all__ = ["transformation", "scale_by"]  # and, below, every registered rule's 
 
 def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate: Any = None,
                     negate: bool = False, state_dtype: Any = None,
+                    state_layout: str | None = None,
                     skip_nonfinite: bool = False) -> optax.GradientTransformationExtraArgs:
     """``rule`` as a transformation; ``learning_rate=None`` calls it without ``lr`` (GAN)."""
     fields = _per_tensor_fields(rule)
-    rule_update = mvn_core.skip_if_nonfinite(rule.update) if skip_nonfinite else rule.update
+    step = rule.update if rule.tensor_rule is None else _kernel_or_pure(rule)
+    step = mvn_core.skip_if_nonfinite(step) if skip_nonfinite else step
 
     def init(params):
         leaves, treedef = jax.tree.flatten(params)
-        return _as_trees(_initial_state(rule, leaves, state_dtype), treedef, fields)
+        state = _initial_state(rule, leaves, state_dtype)
+        if _packs(rule, leaves, state_layout):
+            return _packed(rule, state, leaves, treedef)
+        return _as_trees(state, treedef, fields)
 
     def update(updates, state, params=None, **extra_args):
         # extra_args (e.g. value=loss, passed along an optax.chain) are not the rule's
@@ -55,13 +79,49 @@ def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate
         grads, treedef = jax.tree.flatten(updates)
         flat_params = None if params is None else _leaves_like(treedef, params, "params")
         rate = {} if learning_rate is None else {"lr": _rate_at(learning_rate, state.count)}
-        out, new_state = rule_update(_as_tuples(state, treedef, fields), grads, flat_params,
-                                     **rate, **hyper)
+        out, new_state = step(_as_tuples(state, treedef, fields), grads, flat_params,
+                              **rate, **hyper)
         if negate:  # exact: the rule's update at lr=1 is minus its direction
             out = [-u for u in out]
         return treedef.unflatten(out), _as_trees(new_state, treedef, fields)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _kernel_or_pure(rule: mvn_core.Rule) -> Callable:
+    """``rule.update``, run as the generated kernel where it runs (see the module)."""
+
+    def update(state, grads, params=None, **hyper):
+        if _jax_kernel.runs(rule.tensor_rule, state, grads, params):
+            return _jax_kernel.update(rule, state, grads, params, {**rule.defaults, **hyper})
+        return rule.update(state, grads, params, **hyper)
+
+    return update
+
+
+LAYOUTS = (None, "tree", "packed")
+
+
+def _packs(rule: mvn_core.Rule, leaves: list, state_layout: str | None) -> bool:
+    """Whether ``init`` packs the state's buffers: where asked, and by default where the
+    kernel runs, as far as can be known without the arrays' placement (which ``init``
+    under ``jax.jit`` or ``jax.eval_shape`` does not see): in a process whose one JAX
+    device is a CPU, for dtypes the kernel takes, with a C++ compiler."""
+    if rule.tensor_rule is None or not leaves or state_layout == "tree":
+        return False
+    if state_layout == "packed":
+        return True
+    devices = jax.devices()
+    return (len(devices) == 1 and devices[0].platform == "cpu"
+            and _jax_kernel.takes_dtypes(leaves) and _jax_kernel.unavailable_reason() is None)
+
+
+def _packed(rule: mvn_core.Rule, state: Any, leaves: list, treedef: Any) -> Any:
+    groups = _jax_kernel.groups_of(leaves)
+    scalar = rule.tensor_rule.scalar_buffers
+    return state._replace(**{name: _jax_kernel.pack(getattr(state, name), treedef, groups,
+                                                    name in scalar)
+                             for name in _per_tensor_fields(rule)})
 
 
 def _per_tensor_fields(rule: mvn_core.Rule) -> tuple[str, ...]:
@@ -87,15 +147,29 @@ def _rate_at(learning_rate: Any, count: Any) -> Any:
 
 
 def _as_trees(state: Any, treedef: Any, fields: tuple[str, ...]) -> Any:
-    """The rule's state with each per-tensor tuple rebuilt as a tree like the params."""
-    return state._replace(**{name: treedef.unflatten(getattr(state, name)) for name in fields})
+    """The rule's state with each per-tensor tuple rebuilt as a tree like the params
+    (packed buffers stay packed)."""
+    return state._replace(**{name: _tree_of(treedef, getattr(state, name)) for name in fields})
+
+
+def _tree_of(treedef: Any, field: Any) -> Any:
+    return field if isinstance(field, _jax_kernel.Packed) else treedef.unflatten(field)
 
 
 def _as_tuples(state: Any, treedef: Any, fields: tuple[str, ...]) -> Any:
-    """The inverse of :func:`_as_trees`: the per-tensor fields as the rule's flat tuples."""
-    return state._replace(**{name: tuple(_leaves_like(treedef, getattr(state, name),
-                                                       f"state.{name}"))
+    """The inverse of :func:`_as_trees`: the per-tensor fields as the rule's flat tuples
+    (packed buffers stay packed, once found to be the params')."""
+    return state._replace(**{name: _tuple_of(treedef, getattr(state, name), f"state.{name}")
                              for name in fields})
+
+
+def _tuple_of(treedef: Any, field: Any, label: str) -> Any:
+    if not isinstance(field, _jax_kernel.Packed):
+        return tuple(_leaves_like(treedef, field, label))
+    if field.layout.treedef != treedef:
+        raise ValueError(f"{label} is not a tree shaped like the updates: it is packed for "
+                         f"params shaped {field.layout.treedef}, the updates are {treedef}")
+    return field
 
 
 def _leaves_like(treedef: Any, tree: Any, label: str) -> list:
@@ -128,9 +202,10 @@ def scale_by(rule: mvn_core.Rule | str) -> Callable[..., optax.GradientTransform
 def _optimizer(public_name: str, rule: mvn_core.Rule) -> Callable[..., optax.GradientTransformation]:
     defaults = {name: value for name, value in rule.defaults.items() if name != "lr"}
 
-    def make(learning_rate, state_dtype, skip_nonfinite, **hyper):
-        _check(rule, hyper, learning_rate)
+    def make(learning_rate, state_dtype, state_layout, skip_nonfinite, **hyper):
+        _check(rule, hyper, learning_rate, state_layout)
         return _transformation(rule, hyper, learning_rate=learning_rate, state_dtype=state_dtype,
+                               state_layout=state_layout,
                                skip_nonfinite=_flag("skip_nonfinite", skip_nonfinite))
 
     return _public(public_name, make, _signature(defaults, rule.defaults["lr"]),
@@ -143,10 +218,10 @@ def _scale_by(rule: mvn_core.Rule) -> Callable[..., optax.GradientTransformation
         "lr", "weight_decay", "coupled_weight_decay"}
     defaults = {name: value for name, value in rule.defaults.items() if name not in dropped}
 
-    def make(state_dtype, skip_nonfinite, **hyper):
-        _check(rule, hyper)
+    def make(state_dtype, state_layout, skip_nonfinite, **hyper):
+        _check(rule, hyper, state_layout=state_layout)
         return _transformation(rule, hyper, learning_rate=1.0, negate=True,
-                               state_dtype=state_dtype,
+                               state_dtype=state_dtype, state_layout=state_layout,
                                skip_nonfinite=_flag("skip_nonfinite", skip_nonfinite))
 
     return _public(f"scale_by_{rule.name}", make, _signature(defaults), _scale_by_doc(rule))
@@ -166,12 +241,16 @@ def _gradient_transform(rule: mvn_core.Rule) -> Callable[..., optax.GradientTran
     return _public(rule.name, make, signature, _transform_doc(rule))
 
 
-def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None) -> None:
+def _check(rule: mvn_core.Rule, hyper: dict[str, Any], learning_rate: Any = None,
+           state_layout: str | None = None) -> None:
     """Refuse bad hyperparameters when the transformation is made, not at its first step.
 
     Arrays (``optax.inject_hyperparams`` passes them, possibly traced) are checked for
     shape and dtype only, never read; a schedule is not checked.
     """
+    if not (state_layout is None or isinstance(state_layout, str) and state_layout in LAYOUTS):
+        raise ValueError(f"state_layout={state_layout!r}: it is None (chosen by init), "
+                         "'tree' or 'packed'")
     check_with_learning_rate(rule, hyper, learning_rate)
 
 
@@ -185,8 +264,9 @@ def _flag(name: str, value: Any) -> bool:
 def _signature(defaults: dict[str, Any], default_rate: Any = None) -> inspect.Signature:
     parameters = [] if default_rate is None else [_parameter("learning_rate", default_rate)]
     parameters += [_parameter(name, value) for name, value in defaults.items()]
-    parameters += [inspect.Parameter("state_dtype", inspect.Parameter.KEYWORD_ONLY, default=None),
-                   inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY,
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for name in ("state_dtype", "state_layout")]
+    parameters += [inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY,
                                      default=False)]
     return inspect.Signature(parameters, return_annotation=optax.GradientTransformationExtraArgs)
 
@@ -212,11 +292,14 @@ def _public(name: str, make: Callable, signature: inspect.Signature, doc: str) -
 
 _STATE_DOC = """\
 The state is :class:`mvn_core.{state}`: ``count``, then each buffer as a pytree
-shaped like the params.  ``state_dtype`` is the buffers' dtype; by default the
-params', except for float16 and bfloat16 params, whose state is float32.  Under
-``optax.inject_hyperparams``, name it (``"float32"``) or list it in ``static_args``:
-a dtype is callable, which optax would take for a schedule; with bfloat16 params
-also pass ``hyperparam_dtype=jnp.float32``, or optax rounds ``b2=0.999`` to 1."""
+The state is :class:`mvn_core.{state}`: ``count``, then each buffer as a pytree
+shaped like the params (``state_layout="tree"``) or packed in one flat array per
+dtype (``"packed"``, the default where the generated kernel runs: one CPU device).
+``state_dtype`` is the buffers' dtype; by default the params', except for float16
+and bfloat16 params, whose state is float32.  Under ``optax.inject_hyperparams``,
+name it (``"float32"``) or list it in ``static_args``: a dtype is callable, which
+optax would take for a schedule; with bfloat16 params also pass
+``hyperparam_dtype=jnp.float32``, or optax rounds ``b2=0.999`` to 1."""
 
 _SKIP_DOC = """\
 ``skip_nonfinite=True`` skips every step whose gradients hold a NaN or an Inf

@@ -1,7 +1,8 @@
-"""JAX in ``mvn-core bench``: our optax transformations (:mod:`mvn_core.adapters.optax`)
-and optax's own (``adam``, the baseline, ``adamw``, ``adabelief``, ``novograd``,
-``sgd``), each in one step function under ``jax.jit`` with the params and the state
-donated, as a training loop runs them (path ``jit``).
+"""JAX in ``mvn-core bench``: our optax transformations (:mod:`mvn_core.adapters.optax`:
+on a CPU the generated kernel, with the state packed) and optax's own (``adam``, the
+baseline, ``adamw``, ``adabelief``, ``novograd``, ``sgd``), each in one step function
+under ``jax.jit`` with the params and the state donated, as a training loop runs them
+(path ``jit``).
 
 The temporaries of a step are XLA's own account of the compiled step
 (``memory_analysis``), exact where a process's memory is not: the peak of a JAX

@@ -307,11 +307,13 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
         vs_pure = relative_difference(got, pure_runs[key]) if key in pure_runs else None
     status = "pass" if comparison.passed else "fail"
     message = comparison.message
-    if path.exact == "pure" and vs_pure:  # promised bit for bit, and it is not
+    promise = path.promise(cell.device)
+    if promise == "pure" and vs_pure:  # promised bit for bit, and it is not
         status = "fail"
         message = f"differs from the pure path by {vs_pure:.2g} (relative); it must be identical"
-    elif path.exact == "ieee":
-        vs_ieee = relative_difference(got, _ieee_run(case, cell, source.problem, pure_runs))
+    elif promise in ("ieee", "ieee-compiled"):
+        vs_ieee = relative_difference(got, _ieee_run(case, cell, source.problem, pure_runs,
+                                                     compiled=promise == "ieee-compiled"))
         if vs_ieee:
             status = "fail"
             message = (f"differs from the rule in IEEE arithmetic by {vs_ieee:.2g} "
@@ -319,18 +321,20 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
     return Run(case, status, comparison, message, vs_pure, seconds)
 
 
-def _ieee_run(case: Case, cell: Cell, problem, pure_runs: dict) -> list:
+def _ieee_run(case: Case, cell: Cell, problem, pure_runs: dict, compiled: bool = False) -> list:
     """The rule in IEEE arithmetic on the cell's backend (a transform, which no kernel
-    runs, is its pure run), computed once per case, backend, device and dtype."""
-    key = ("ieee", case.id, cell.backend, cell.device, cell.dtype)
+    runs, is its pure run, compiled where ``compiled``), computed once per case, backend, device and dtype (and
+    ``compiled``: from the step's scalars as the backend's compile hook computes them)."""
+    key = ("ieee", case.id, cell.backend, cell.device, cell.dtype, compiled)
     if key not in pure_runs:
         if mvn_core.rules[case.rule].tensor_rule is None:
-            pure_runs[key] = PATHS["pure"].run(case.rule, cell.target.backend, cell.target.device,
+            pure = PATHS["pure-jit" if compiled else "pure"]
+            pure_runs[key] = pure.run(case.rule, cell.target.backend, cell.target.device,
                                                cell.dtype, problem, **case.hyper)
         else:
             pure_runs[key] = as_float64(ieee_trajectory(
                 case.rule, cell.target.backend, problem, dtype=cell.dtype,
-                device=cell.target.device, **case.hyper))
+                device=cell.target.device, compiled=compiled, **case.hyper))
     return pure_runs[key]
 
 

@@ -56,10 +56,20 @@ class Path:
     by_default: bool = True  # False: only when named with --paths, or with --full
     # Its results must be, bit for bit: "pure", the pure path's on the same backend;
     # "ieee", the rule's mathematics in IEEE arithmetic from that backend's step scalars
-    # (:func:`~.trajectories.ieee_trajectory`: what the generated kernels compute).
+    # (:func:`~.trajectories.ieee_trajectory`: what the generated kernels compute);
+    # "ieee-compiled", the same from the scalars as the backend's compile hook computes
+    # them (a kernel inside a jitted step: XLA computes some scalars otherwise).
     exact: str | None = None
     # Why it cannot run here beyond a missing module (no GPU, say), or None.
     needs: Callable[[], str | None] | None = None
+    # What it promises on other devices than CPUs, where that differs ("same": ``exact``).
+    exact_off_cpu: str | None = "same"
+
+    def promise(self, device_name: str) -> str | None:
+        """What its results must equal, bit for bit, on the device called so."""
+        if self.exact_off_cpu == "same" or device_name.startswith("cpu"):
+            return self.exact
+        return self.exact_off_cpu
 
     def applies_to(self, backend: str) -> bool:
         return self.backends is None or backend in self.backends
@@ -241,11 +251,12 @@ register(dataclasses.replace(
     torch_adapter_path("torch-adapter", "mvn_core.adapters.torch optimizers (default: the "
                        "generated kernel on the CPU)"), exact="ieee"))
 register(Path("optax-adapter", run_optax_adapter, ("jax",),
-              "mvn_core.adapters.optax transformations, eagerly", requires=("optax",),
-              exact="pure"))
+              "mvn_core.adapters.optax transformations, eagerly (default: the generated "
+              "kernel on the CPU)", requires=("optax",), exact="ieee", exact_off_cpu="pure"))
 register(Path("optax-adapter-jit", functools.partial(run_optax_adapter, jit=True), ("jax",),
-              "mvn_core.adapters.optax transformations, each step under jax.jit",
-              requires=("optax",)))
+              "mvn_core.adapters.optax transformations, each step under jax.jit (default: "
+              "the generated kernel on the CPU)", requires=("optax",), exact="ieee-compiled",
+              exact_off_cpu=None))
 register(Path("arrays-adapter", run_arrays_adapter, ("numpy", "cupy"),
               "mvn_core.adapters.arrays in-place optimizers (default: the generated kernel "
               "for NumPy)", exact="ieee"))

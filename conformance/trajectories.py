@@ -42,7 +42,7 @@ def core_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
 
 
 def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None,
-                    state_dtype=None, **hyper):
+                    compiled=False, state_dtype=None, **hyper):
     """The rule's per-tensor mathematics (``TensorRule.step_tensor``) evaluated in IEEE
     arithmetic, each operation correctly rounded (on NumPy), from the step's scalars and
     the statistics that the backend's library computes: what the generated kernels
@@ -50,8 +50,11 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
 
     It differs from the pure rule run on the backend itself only where the library's
     own elementwise operations are not correctly rounded (PyTorch's CPU square root,
-    for one, is not).  bfloat16 is held in NumPy through ``ml_dtypes``.  ``state_dtype``
-    goes to the rule's init (e.g. float32 state for bfloat16 params).
+    for one, is not; nor is XLA's division by a 0-d array, a multiplication by its
+    reciprocal).  ``compiled=True`` computes the scalars and statistics through the
+    backend's compile hook, as a compiled step does (``jax.jit`` computes ``1 / sqrt``
+    as an approximate ``rsqrt``).  ``state_dtype`` goes to the rule's ``init``.
+    bfloat16 is held in NumPy through ``ml_dtypes``.
     """
     import array_api_compat
     import array_api_compat.numpy as npx
@@ -64,6 +67,17 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
     params = [lib.from_numpy(a, device=device, dtype=dtype) for a in problem.params]
     xp = array_api_compat.array_namespace(*params)
     state = rule.init(params, state_dtype=state_dtype)
+    # gradients come in the parameters' dtype here
+    dtypes = [tensor_rule.compute_dtype(xp, p.dtype, state[1][i].dtype, p.dtype)
+              for i, p in enumerate(params)]
+
+    def step_inputs(count, grads):
+        """Per tensor, the step's scalars that are arrays; the statistics."""
+        statistics = tensor_rule.statistics(xp, list(zip(grads, dtypes)))
+        scalars = [tensor_rule.scalars(xp, count, d, hyper) for d in dtypes]
+        return [{k: v for k, v in vars(c).items() if _is_array(v)} for c in scalars], statistics
+
+    computed = lib.compile(step_inputs) if compiled else step_inputs
     count = state.count
     host = [_host(lib, p) for p in params]
     columns = [[_host(lib, b) for b in column] for column in state[1:]]
@@ -71,12 +85,11 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
     for grads in problem.grads:
         grads = [lib.from_numpy(a, device=device, dtype=dtype) for a in grads]
         count = count + 1
-        dtypes = [tensor_rule.compute_dtype(xp, g.dtype, state[1][i].dtype, params[i].dtype)
-                  for i, g in enumerate(grads)]
-        statistics = tensor_rule.statistics(xp, list(zip(grads, dtypes)))
+        arrays, statistics = computed(count, grads)
         for i, g in enumerate(grads):
             c = tensor_rule.scalars(xp, count, dtypes[i], hyper)
-            c = type(c)(**{k: _host(lib, v) if _is_array(v) else v for k, v in vars(c).items()})
+            c = type(c)(**{k: _host(lib, arrays[i][k]) if k in arrays[i] else v
+                           for k, v in vars(c).items()})
             stat = None if statistics[i] is None else _host(lib, statistics[i])
             old = tuple(column[i] for column in columns)
             p = host[i]

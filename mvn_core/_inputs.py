@@ -9,8 +9,8 @@ keeps the rules traceable by ``jax.jit`` and ``torch.compile``.
 
 from __future__ import annotations
 
-import math
 import numbers
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import array_api_compat
@@ -93,6 +93,16 @@ def namespace_of(arrays: Sequence[Any]) -> Any:
         ) from None
 
 
+def _traced(a: Any) -> bool:
+    """Whether ``a`` is a JAX tracer (an array of a function being traced, as under
+    ``jax.jit``): asked for its device, it raises an error whose message takes time in
+    proportion to the traced program, seconds over a thousand tensors.  (JAX is not
+    imported here: only looked up where it has been.)"""
+    jax = sys.modules.get("jax")
+    tracer = getattr(getattr(jax, "core", None), "Tracer", None)
+    return tracer is not None and isinstance(a, tracer)
+
+
 def device_or_none(a: Any) -> Any:
     """The array's device, or None where the library cannot say (e.g. a traced array),
     where the array has no single device (a JAX array sharded over several), or where
@@ -102,6 +112,8 @@ def device_or_none(a: Any) -> Any:
     default.  For an uncommitted JAX array that keeps the state uncommitted too: mixing
     committed state with uncommitted params would make ``jax.jit`` compile twice.
     """
+    if _traced(a):
+        return None
     try:
         if getattr(a, "committed", True) is False:
             return None

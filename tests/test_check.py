@@ -292,7 +292,7 @@ def test_goldens_alone_are_enough(capsys, monkeypatch):
     def unavailable(*args, **kwargs):
         raise AssertionError("the oracle or the problem generator was called")
 
-    for module, name in ((oracle, "trajectory"), (oracle, "gan_with_scale"),
+    for module, name in ((oracle, "trajectory"), (oracle, "transformed"),
                          (references, "make_problem"), (references, "check_problem")):
         monkeypatch.setattr(module, name, unavailable)
     status, report, _ = _check(capsys, "--reference", "goldens", "--rules", "mvn,gan,novograd",
@@ -368,7 +368,20 @@ def test_the_torch_paths_each_pass_their_exactness(capsys):
     assert all(c["status"] == "pass" for c in report["cells"])
 
 
-@pytest.mark.parametrize("exact", ["pure", "ieee"])
+def test_the_optax_paths_each_pass_their_exactness(capsys):
+    """The generated kernel (the default on the CPU) is the rule in IEEE arithmetic bit
+    for bit, eagerly and jitted (from the scalars as the jitted step computes them)."""
+    _installed("jax")
+    pytest.importorskip("optax")
+    status, report, _ = _check(capsys, "--rules", "adam,novograd", "--backends", "jax",
+                               "--dtypes", "float32,bfloat16", "--paths",
+                               "pure,optax-adapter,optax-adapter-jit")
+    assert status == 0
+    assert {c["path"] for c in report["cells"]} == {"pure", "optax-adapter", "optax-adapter-jit"}
+    assert all(c["status"] == "pass" for c in report["cells"])
+
+
+@pytest.mark.parametrize("exact", ["pure", "ieee", "ieee-compiled"])
 def test_an_exact_path_that_differs_from_pure_fails(capsys, monkeypatch, exact):
     """A path promised bit for bit (``exact``) fails on any difference from what it
     promises, even one well inside the oracle's bound."""

@@ -5,7 +5,8 @@ Every transformation of :mod:`mvn_core.adapters.optax`, and every pure rule, run
 under ``jax.jit`` on params placed by ``NamedSharding`` over a 2x2 device mesh, and
 again on one device with the same numbers.  Prints one JSON line: per transformation,
 the largest difference between the two runs, whether the state and the params keep
-the params' layout, and the collectives of the compiled sharded step.
+the params' layout, the collectives of the compiled sharded step, and the custom calls
+of the generated kernel in either step (it runs on one device only).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def run(step, init, place, seed=0):
 
 def compare(step, init):
     params, state, updates, text = run(step, init, sharded)
-    params1, state1, updates1, _ = run(step, init, on_one_device)
+    params1, state1, updates1, text1 = run(step, init, on_one_device)
     error = 0.0
     for a, b in zip(jax.tree.leaves((params, state, updates)),
                     jax.tree.leaves((params1, state1, updates1))):
@@ -103,7 +104,8 @@ def compare(step, init):
             error = max(error, float(np.max(np.abs(a - b)) / max(1.0, np.max(np.abs(b)))))
     return {"error": error, **layout(params, state, updates),
             "all_gathers": _count(text, "all-gather"), "all_reduces": _count(text, "all-reduce"),
-            "other_collectives": sum(_count(text, c) for c in OTHER_COLLECTIVES)}
+            "other_collectives": sum(_count(text, c) for c in OTHER_COLLECTIVES),
+            "kernel_calls": _kernel_calls(text), "kernel_calls_one_device": _kernel_calls(text1)}
 
 
 def layout(params, state, updates):
@@ -141,6 +143,10 @@ def pure_init(rule):
 # the HLO collectives besides all-gather and all-reduce: a step should issue none
 OTHER_COLLECTIVES = ("reduce-scatter", "all-to-all", "collective-permute",
                      "collective-broadcast", "ragged-all-to-all")
+
+
+def _kernel_calls(text):
+    return text.count('custom_call_target="mvn_core_')
 
 
 def _count(text, collective):
