@@ -79,7 +79,7 @@ class Selection:
 
 
 @dataclass(frozen=True)
-class Run:
+class CaseResult:
     """One setting of a rule in one cell."""
 
     case: Case
@@ -99,7 +99,7 @@ class Cell:
     device: str
     dtype: str
     path: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[CaseResult] = field(default_factory=list)
     target: Any = field(default=None, repr=False, compare=False)  # what the path runs on
 
     @property
@@ -287,7 +287,7 @@ class _ReferenceSource:
         return self._bounds[key]
 
 
-def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict) -> Run:
+def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict) -> CaseResult:
     reference, bounds = source.reference(case), source.bounds(case, cell.dtype)
     path = PATHS[cell.path]
     started = time.perf_counter()
@@ -295,8 +295,8 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
         got = path.run(case.rule, cell.target.backend, cell.target.device, cell.dtype,
                        source.problem, **case.hyper)
     except Exception as error:  # a path or namespace that cannot run this: an error row
-        return Run(case, "error", None, f"{type(error).__name__}: {error}", None,
-                   time.perf_counter() - started)
+        return CaseResult(case, "error", None, f"{type(error).__name__}: {error}", None,
+                          time.perf_counter() - started)
     seconds = time.perf_counter() - started
     comparison = compare(got, reference.trajectory, bounds, cell.dtype)
     key = (case.id, cell.backend, cell.device, cell.dtype)
@@ -318,7 +318,7 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
             status = "fail"
             message = (f"differs from the rule in IEEE arithmetic by {vs_ieee:.2g} "
                        "(relative); it must be identical")
-    return Run(case, status, comparison, message, vs_pure, seconds)
+    return CaseResult(case, status, comparison, message, vs_pure, seconds)
 
 
 def _ieee_run(case: Case, cell: Cell, problem, pure_runs: dict, compiled: bool = False) -> list:

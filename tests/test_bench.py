@@ -15,8 +15,11 @@ import types
 import numpy as np
 import pytest
 
-from mvn_core.conformance import bench, bench_arrays, bench_report, bench_timing, cli, oracle
-from mvn_core.conformance.bench_timing import OURS, BackendBench, Case, Stepper
+from mvn_core import cli
+from mvn_core.bench import for_arrays as bench_arrays, report as bench_report
+from mvn_core.bench import run as bench, timing as bench_timing
+from mvn_core.conformance import oracle
+from mvn_core.bench.timing import OURS, BackendBench, BenchCase, Stepper
 
 TINY = ["--n", "3000", "--k", "5", "--repeat", "3", "--warmup", "2", "--device", "cpu"]
 ROW_KEYS = {"backend", "device", "kind", "rule", "implementation", "path", "n", "k",
@@ -116,7 +119,7 @@ def test_more_tensors_than_parameters_is_refused(capsys):
 
 def test_our_torch_paths_are_the_adapters_paths():
     from mvn_core.adapters.torch import OPTIONS, RuleOptimizer
-    from mvn_core.conformance import bench_torch
+    from mvn_core.bench import for_torch as bench_torch
 
     for path, options in bench_torch.PATHS.items():
         assert RuleOptimizer.path_of({**OPTIONS, **options}) == path
@@ -181,7 +184,7 @@ def test_json_to_standard_output_moves_the_table_to_standard_error(capsys):
 
 
 def _numpy_case(rule, implementation, make, requires=(), baseline=False):
-    return Case("fake", rule, implementation, "arrays", make, requires=requires,
+    return BenchCase("fake", rule, implementation, "arrays", make, requires=requires,
                 baseline=baseline)
 
 
@@ -226,7 +229,7 @@ def test_library_backends_say_why_they_cannot_run():
     assert bench_arrays.CUPY.unavailable_reason("cpu") == "cupy runs on the GPU only"
     assert bench_arrays.NUMPY.unavailable_reason("gpu") == "numpy runs on the CPU only"
     torch = pytest.importorskip("torch")
-    from mvn_core.conformance import bench_torch
+    from mvn_core.bench import for_torch as bench_torch
 
     if not torch.cuda.is_available():
         assert bench_torch.BENCH.unavailable_reason("gpu") == "torch finds no CUDA device"
@@ -246,8 +249,8 @@ def test_memory_probe_sees_a_leak_and_a_temporary():
     def temporary(work):
         return Stepper(lambda: np.ones(1 << 22, np.float32).sum(), lambda: 0)
 
-    leak = bench_timing.measure(Case("numpy", "sgd", "leak", "arrays", leaking), work, 2, 5)
-    peak = bench_timing.measure(Case("numpy", "sgd", "peak", "arrays", temporary), work, 2, 5)
+    leak = bench_timing.measure(BenchCase("numpy", "sgd", "leak", "arrays", leaking), work, 2, 5)
+    peak = bench_timing.measure(BenchCase("numpy", "sgd", "peak", "arrays", temporary), work, 2, 5)
     if not ON_LINUX:  # no /proc: the probe has no readings, and says so
         assert leak.growth_bytes is None and peak.peak_bytes is None
         return

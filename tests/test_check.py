@@ -18,7 +18,7 @@ import pytest
 from mvn_core import backends
 from mvn_core.conformance import check, oracle, paths, peers, references
 from mvn_core.conformance.cases import RULES, cases
-from mvn_core.conformance.cli import main
+from mvn_core.cli import main
 from mvn_core.conformance.comparison import compare
 from mvn_core.conformance.tolerance import spacing
 

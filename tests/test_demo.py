@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mvn_core.conformance import cli, demo, demo_keras
+from mvn_core import cli
+from mvn_core.demo import run as demo, with_keras as demo_keras
 from mvn_core import backends
 
 

@@ -24,7 +24,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("this PyTorch has no torch.distributed with gloo", allow_module_level=True)
 
-from mvn_core.conformance.launch import torchrun  # noqa: E402
+from mvn_core.bench.launch import torchrun  # noqa: E402
 
 WORKER_PATH = Path(__file__).parent / "workers" / "distributed_torch.py"
 _spec = importlib.util.spec_from_file_location("distributed_torch_worker", WORKER_PATH)
@@ -165,7 +165,7 @@ def test_distributed_benchmark_runs():
     the collectives of NovoGrad and GAN counted."""
     from argparse import Namespace
 
-    from mvn_core.conformance import bench_distributed
+    from mvn_core.bench import distributed as bench_distributed
 
     table = bench_distributed.run(Namespace(nprocs=2, width=16, layers=2, steps=1,
                                             timeout=TIMEOUT))

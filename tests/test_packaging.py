@@ -15,7 +15,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("numpy", "torch", "jax", "jaxlib", "cupy", "optax", "array_api_strict", "tensorflow",
               "keras")
-PACKAGES = ("mvn_core", "mvn_core.backends", "mvn_core.adapters", "mvn_core.conformance")
+PACKAGES = ("mvn_core", "mvn_core.backends", "mvn_core.adapters", "mvn_core.conformance",
+            "mvn_core.bench", "mvn_core.demo")
 
 
 def _python(code, cwd):
@@ -30,7 +31,7 @@ def test_importing_the_core_loads_no_framework(tmp_path):
 
 
 def test_the_core_sources_import_no_framework():
-    for path in (ROOT / "mvn_core").rglob("*.py"):
+    for path in (ROOT / "core").rglob("*.py"):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -48,10 +49,10 @@ def test_installed_import_names(tmp_path):
     out = _python(
         "import importlib.util as u\n"
         f"print([u.find_spec(n) is not None for n in {PACKAGES!r}])\n"
-        "print([u.find_spec(n) is None for n in ('backends', 'adapters', 'conformance')])\n"
+        "print([u.find_spec(n) is None for n in ('backends', 'adapters', 'conformance', 'core', 'bench', 'demo')])\n"
         "import mvn_core.backends as b; print(b.__file__)", tmp_path)
     found, absent, backends_file = out.splitlines()
-    assert found == str([True] * 4) and absent == str([True] * 3)
+    assert found == str([True] * len(PACKAGES)) and absent == str([True] * 6)
     assert pathlib.Path(backends_file).parent.name == "backends"
 
 
@@ -69,10 +70,11 @@ def test_wheel_holds_only_the_mvn_core_package(wheel):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"mvn_core"}
     for expected in ("mvn_core/mvn.py", "mvn_core/backends/numpy.py",
-                     "mvn_core/adapters/__init__.py", "mvn_core/conformance/oracle.py"):
+                     "mvn_core/adapters/__init__.py", "mvn_core/conformance/oracle/mvn.py",
+                     "mvn_core/bench/run.py", "mvn_core/demo/run.py", "mvn_core/cli.py"):
         assert expected in names
     metadata = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "mvn-core = mvn_core.conformance.cli:main" in zipfile.ZipFile(wheel).read(metadata).decode()
+    assert "mvn-core = mvn_core.cli:main" in zipfile.ZipFile(wheel).read(metadata).decode()
 
 
 def test_wheel_holds_the_goldens(wheel):
@@ -88,16 +90,38 @@ def test_wheel_holds_the_goldens(wheel):
     assert stored == sorted(folder + name for name in files + ["manifest.json"])
 
 
-def test_regular_install_gives_the_same_import_names(wheel, tmp_path):
+# What a fresh process imports: every mapped package, the oracle and the goldens.
+IMPORTS = ("import mvn_core, mvn_core.backends, mvn_core.adapters.torch, mvn_core.bench.run, "
+           "mvn_core.demo.run, mvn_core.conformance.oracle as o\n"
+           "from mvn_core.conformance.references import Goldens\n"
+           "print(mvn_core.__file__); print(mvn_core.adapters.torch.__file__); print(o.__file__)\n"
+           "print(mvn_core.bench.run.__file__); g = Goldens(); g.problem(); print(g.folder)")
+# Working directories that once shadowed the installed package (the repository root
+# held a folder named mvn_core), and one unrelated to the repository.
+PLACES = ("repository root", "core folder", "elsewhere")
+
+
+def _place(name, tmp_path):
+    return {"repository root": ROOT, "core folder": ROOT / "core", "elsewhere": tmp_path}[name]
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_regular_install_gives_the_same_package_from_any_directory(wheel, tmp_path, place):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
     env = dict(os.environ, PYTHONPATH=str(target))
-    out = subprocess.run(
-        [sys.executable, "-c", "import mvn_core, mvn_core.backends, mvn_core.adapters, "
-         "mvn_core.conformance.oracle as o; print(mvn_core.__file__); print(o.__file__)\n"
-         "from mvn_core.conformance.references import Goldens\n"
-         "g = Goldens(); g.problem(); print(g.folder)"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", IMPORTS], cwd=_place(place, tmp_path), env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert len(out.splitlines()) == 5
     for line in out.splitlines():
         assert line.startswith(str(target))
+
+
+def test_editable_install_gives_the_same_files_from_any_directory(tmp_path):
+    """The tests run on the editable install: one set of files, wherever Python starts."""
+    seen = {place: _python(IMPORTS, _place(place, tmp_path)) for place in PLACES}
+    assert len(set(seen.values())) == 1
+    files = seen["elsewhere"].splitlines()
+    assert pathlib.Path(files[0]).parent == ROOT / "core"
+    assert pathlib.Path(files[1]).parent == ROOT / "adapters"

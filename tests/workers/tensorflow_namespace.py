@@ -19,7 +19,7 @@ import tensorflow as tf
 import mvn_core
 from mvn_core import backends
 from mvn_core.backends import tensorflow_namespace as xp
-from mvn_core.conformance import cli
+from mvn_core import cli
 
 MODULE = "mvn_core.backends.tensorflow_namespace"
 CHECK_STEPS = 5

@@ -1,8 +1,8 @@
 """The vocabulary of ``mvn-core bench``: what a backend offers it, and how a case is timed.
 
-A backend's bench module (:mod:`.bench_torch`, :mod:`.bench_jax`, :mod:`.bench_arrays`)
+A backend's bench module (:mod:`.for_torch`, :mod:`.for_jax`, :mod:`.for_arrays`)
 makes a :class:`Workload` (N float32 parameters in K tensors, their fixed gradients, a
-memory probe, a copy of N floats) and lists its cases (:class:`Case`): our rules on each
+memory probe, a copy of N floats) and lists its cases (:class:`BenchCase`): our rules on each
 of its execution paths, and the peers.  :func:`measure` times a case the same way
 everywhere: the first step on its own (it builds the state and, on a compiled path,
 compiles), then warm-up steps, then the timed steps, each one waited for (device work
@@ -56,7 +56,7 @@ class Stepper(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Case:
+class BenchCase:
     """One row of the benchmark: ``rule`` run by ``implementation`` on ``path``.
 
     ``make(workload)`` builds the optimizer (its state may be created lazily, at the
@@ -220,7 +220,7 @@ class Measurement:
 SETTLE = 3  # steps whose least memory reading marks each end of the growth window
 
 
-def measure(case: Case, workload: Workload, warmup: int, repeat: int) -> Measurement:
+def measure(case: BenchCase, workload: Workload, warmup: int, repeat: int) -> Measurement:
     """Time ``case`` on ``workload``: the median of ``repeat`` steps after ``warmup``
     steps (at least ``1 + SETTLE``; the first is reported on its own: set-up and
     compilation).  Memory grows from the last warm-up steps to ``SETTLE`` steps after

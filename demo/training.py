@@ -12,11 +12,11 @@ import mvn_core
 from mvn_core import backends
 
 from . import mlp
-from .targets import device_name
+from mvn_core.conformance.targets import device_name
 
 
 @dataclass(frozen=True)
-class Run:
+class TrainingRun:
     backend: str
     dtype: str
     device: object = None
@@ -31,7 +31,7 @@ class Run:
 @dataclass
 class Result:
     rule: str
-    run: Run
+    run: TrainingRun
     losses: list
     params: list  # NumPy float64
     train: tuple  # (loss, accuracy)

@@ -15,9 +15,9 @@ import time
 import mvn_core
 from mvn_core import backends
 
-from .bench_timing import (OURS, BackendBench, Case, MemoryProbe, Stepper, Workload,
+from .timing import (OURS, BackendBench, BenchCase, MemoryProbe, Stepper, Workload,
                            auto_device_kind, hyperparameters, split_sizes)
-from .targets import device_name
+from mvn_core.conformance.targets import device_name
 
 NAME = "torch"
 # Our paths, by the options that select them (see mvn_core.adapters._torch_paths).
@@ -132,14 +132,14 @@ def _torch_optim(class_name, params, h, **path):
 
 
 def _timm_laprop(params, h):
-    from .peers import timm_optim
+    from mvn_core.conformance.peers import timm_optim
 
     return timm_optim("laprop").LaProp(params, lr=h["lr"], betas=(h["b1"], h["b2"]),
                                        eps=h["eps"], foreach=True)
 
 
 def _timm_adabelief(params, h):
-    from .peers import timm_optim
+    from mvn_core.conformance.peers import timm_optim
 
     return timm_optim("adabelief").AdaBelief(
         params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
@@ -147,7 +147,7 @@ def _timm_adabelief(params, h):
 
 
 def _timm_novograd(params, h):
-    from .peers import timm_optim
+    from mvn_core.conformance.peers import timm_optim
 
     return timm_optim("nvnovograd").NvNovoGrad(
         params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
@@ -163,19 +163,19 @@ def _official_adabelief(params, h):
                          fixed_decay=False, rectify=False, print_change_log=False)
 
 
-def _peer_case(rule_name, implementation, path, factory, requires=(), baseline=False) -> Case:
-    return Case(NAME, rule_name, implementation, path,
+def _peer_case(rule_name, implementation, path, factory, requires=(), baseline=False) -> BenchCase:
+    return BenchCase(NAME, rule_name, implementation, path,
                 functools.partial(_peer, factory, rule_name), requires=requires,
                 baseline=baseline)
 
 
-def _torch_optim_case(rule_name, class_name, path, baseline=False) -> Case:
+def _torch_optim_case(rule_name, class_name, path, baseline=False) -> BenchCase:
     factory = functools.partial(_torch_optim, class_name, **{path: True})
     return _peer_case(rule_name, f"torch.optim.{class_name}", path, factory, baseline=baseline)
 
 
-def cases() -> list[Case]:
-    ours = [Case(NAME, rule.name, OURS, path, functools.partial(_ours, rule.name, options),
+def cases() -> list[BenchCase]:
+    ours = [BenchCase(NAME, rule.name, OURS, path, functools.partial(_ours, rule.name, options),
                  slow=path == "reference", compiled=path == "kernel")
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"
             for path, options in PATHS.items()]

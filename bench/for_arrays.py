@@ -11,7 +11,7 @@ import functools
 import mvn_core
 from mvn_core import backends
 
-from .bench_timing import (OURS, BackendBench, Case, MemoryProbe, Stepper, Workload,
+from .timing import (OURS, BackendBench, BenchCase, MemoryProbe, Stepper, Workload,
                            hyperparameters, split_sizes)
 
 KINDS = {"numpy": "cpu", "cupy": "gpu"}  # where each library runs
@@ -98,8 +98,8 @@ def _ours(name: str, rule_name: str, work: Workload) -> Stepper:
     return Stepper(step, state_bytes)
 
 
-def _cases(name: str) -> list[Case]:
-    return [Case(name, rule.name, OURS, PATHS[name][0], functools.partial(_ours, name, rule.name))
+def _cases(name: str) -> list[BenchCase]:
+    return [BenchCase(name, rule.name, OURS, PATHS[name][0], functools.partial(_ours, name, rule.name))
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"]
 
 

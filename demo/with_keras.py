@@ -2,7 +2,7 @@
 :class:`mvn_core.adapters.keras.MVNGrad`, on each Keras backend that is installed.
 
 Keras chooses its backend when it is imported, so each backend trains in a process of
-its own: :func:`start` launches ``python -m mvn_core.conformance.demo_keras`` with
+its own: :func:`start` launches ``python -m mvn_core.demo.with_keras`` with
 ``KERAS_BACKEND`` set, handing it the data, the initial weights and the batches in an
 ``.npz`` file.  The process imports Keras and builds the model at a low priority, while
 the demo's other runs train, then waits: :func:`finish` lets it train (in float32, alone,

@@ -8,9 +8,9 @@ import sys
 
 from mvn_core import backends
 
-from .cases import RULES
-from .paths import PATHS
-from .references import FOLDER, STEPS
+from mvn_core.conformance.cases import RULES
+from mvn_core.conformance.paths import PATHS
+from mvn_core.conformance.references import FOLDER, STEPS
 
 FULL_STEPS = 100
 
@@ -54,14 +54,14 @@ def main(argv=None) -> int:
         description="Time opt.step() of every rule under FSDP2 (fully_shard) on local "
                     "processes (gloo on CPU), against torch.optim.AdamW in the same run, "
                     "and replay GAN's and NovoGrad's collectives alone to price them.")
-    from .bench_distributed import add_arguments
+    from mvn_core.bench.distributed import add_arguments
 
     add_arguments(bench_distributed)
     bench = commands.add_parser(
         "bench", help="time one optimizer step of every rule on every backend and path, "
                       "against torch.optim, optax and the other peers "
                       "(under FSDP2: mvn-core bench-distributed)")
-    from .bench import add_arguments as add_bench_arguments
+    from mvn_core.bench.run import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if args.command == "goldens":
         return _goldens(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from mvn_core.demo.run import run_demo
 
         selected = set(args.backends.split(",")) if args.backends else None
         known = backends.NAMES + backends.PARTIAL
@@ -82,15 +82,15 @@ def main(argv=None) -> int:
                  seed=args.seed, selected=selected, plot_path=args.plot,
                  show_progress=not args.no_progress)
     elif args.command == "claims":
-        from .claims import run_claims
+        from mvn_core.demo.claims import run_claims
 
         run_claims(args.out, plot=not args.no_plot)
     elif args.command == "bench-distributed":
-        from .bench_distributed import run
+        from mvn_core.bench.distributed import run
 
         print(run(args))
     elif args.command == "bench":
-        from .bench import main as bench_main
+        from mvn_core.bench.run import main as bench_main
 
         return bench_main(args)
     return 0
@@ -136,9 +136,9 @@ def _add_check_parser(commands) -> None:
 
 
 def _check(parser, args) -> int:
-    from .check import Selection, run_check
-    from .references import GoldenError
-    from .report import as_json, markdown, text_lines
+    from mvn_core.conformance.check import Selection, run_check
+    from mvn_core.conformance.references import GoldenError
+    from mvn_core.conformance.report import as_json, markdown, text_lines
 
     if args.json == "-" and args.markdown == "-":
         parser.error("only one of --json and --markdown can go to stdout")
@@ -215,7 +215,7 @@ def _tqdm_bar(total: int):
 
 
 def _goldens(args) -> int:
-    from .references import write_goldens
+    from mvn_core.conformance.references import write_goldens
 
     folder = args.out or FOLDER
     manifest = write_goldens(folder, steps=args.steps)

@@ -16,7 +16,7 @@ from typing import Mapping
 
 from .rule import Rule
 
-_NOT_RULES = ("registry", "rule")  # modules of this package that hold no rule
+_NOT_RULES = ("cli", "registry", "rule")  # modules of this package that hold no rule
 
 
 def _discovered() -> list[Rule]:

@@ -16,9 +16,9 @@ on one path, and gives:
   during the steps beyond what was held before, and the growth over the timed steps
   (zero unless something leaks).
 
-The backends' parts live in :mod:`.bench_torch`, :mod:`.bench_jax` and
-:mod:`.bench_arrays`, the timing in :mod:`.bench_timing`, the report (text, JSON and
-the speed targets) in :mod:`.bench_report`.  ``--scaling`` adds how the
+The backends' parts live in :mod:`.for_torch`, :mod:`.for_jax` and
+:mod:`.for_arrays`, the timing in :mod:`.timing`, the report (text, JSON and
+the speed targets) in :mod:`.report`.  ``--scaling`` adds how the
 step time grows with N and with K (many small tensors) for MVN-Grad and the baselines.
 """
 
@@ -35,8 +35,9 @@ from typing import Callable
 
 import mvn_core
 
-from .bench_report import environment, load_average, report_lines, targets, write_json
-from .bench_timing import SETTLE, SLOW_SHARE, BackendBench, Case, Measurement, copy_ms, measure
+from .report import environment, load_average, report_lines, targets, write_json
+from .timing import (SETTLE, SLOW_SHARE, BackendBench, BenchCase, Measurement, copy_ms,
+                     measure)
 
 SCHEMA = "mvn-core-bench/1"
 # Default N and K by the kind of device a backend runs on.
@@ -45,8 +46,8 @@ WARMUP = 10  # steps before the timed ones; memory growth is measured from here
 REPEAT = 40  # timed steps
 WARM_UP_N = 1024  # parameters of the tiny workload that warms a backend up
 # The backends' bench modules: (module, attribute) of their BackendBench.
-BENCHES = {"torch": ("bench_torch", "BENCH"), "jax": ("bench_jax", "BENCH"),
-           "cupy": ("bench_arrays", "CUPY"), "numpy": ("bench_arrays", "NUMPY")}
+BENCHES = {"torch": ("for_torch", "BENCH"), "jax": ("for_jax", "BENCH"),
+           "cupy": ("for_arrays", "CUPY"), "numpy": ("for_arrays", "NUMPY")}
 DEFAULT_BACKENDS = ("torch", "jax", "cupy")
 RULES = tuple(name for name, rule in mvn_core.rules.items() if rule.kind == "optimizer")
 # --scaling: N at 1/10, 1 and 4 times the default (at its K), and K at a fixed N.
@@ -140,7 +141,7 @@ class Row:
         return f"{self.implementation} {self.path}"
 
 
-def case_label(case: Case) -> str:
+def case_label(case: BenchCase) -> str:
     return f"{case.implementation} {case.path}"
 
 
@@ -168,7 +169,7 @@ def known_paths() -> list[str]:
     return sorted({case.path for name in BENCHES for case in backend_bench(name).cases()})
 
 
-def selected_cases(bench: BackendBench, config: Config, rule_names=None) -> list[Case]:
+def selected_cases(bench: BackendBench, config: Config, rule_names=None) -> list[BenchCase]:
     """The backend's cases for ``config``, baseline first (it is kept whatever the
     selection, for the ratios)."""
     rule_names = config.rules if rule_names is None else rule_names
@@ -178,7 +179,7 @@ def selected_cases(bench: BackendBench, config: Config, rule_names=None) -> list
     return sorted(chosen, key=lambda c: not c.baseline)
 
 
-def runnable(cases: list[Case], kind: str) -> tuple[list[Case], list[dict]]:
+def runnable(cases: list[BenchCase], kind: str) -> tuple[list[BenchCase], list[dict]]:
     """The cases whose modules are installed, and a skipped entry for each other one."""
     ok, skipped = [], []
     for case in cases:
@@ -243,7 +244,7 @@ def run_backend(bench: BackendBench, config: Config, report: dict, progress) -> 
         run_scaling(bench, kind, n, k, config, report, progress)
 
 
-def warm_up(bench: BackendBench, kind: str, cases: list[Case]) -> None:
+def warm_up(bench: BackendBench, kind: str, cases: list[BenchCase]) -> None:
     """A few unmeasured steps of the first case (the baseline) on a tiny workload, so
     that the backend's one-time costs (its runtime starting, kernel libraries loading)
     are not charged to the first case measured.  An error here is the case's own, and

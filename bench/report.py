@@ -11,15 +11,15 @@ from typing import Callable, NamedTuple
 
 import mvn_core
 
-from .bench_timing import OURS, SETTLE, SLOW_SHARE
-from .report import library_versions
+from .timing import OURS, SETTLE, SLOW_SHARE
+from mvn_core.conformance.report import library_versions
 
 PER_COORDINATE = tuple(name for name, rule in mvn_core.rules.items()
                        if rule.kind == "optimizer" and rule.per_coordinate)
 
 
 @dataclass(frozen=True)
-class Target:
+class SpeedTarget:
     """A figure of the speed targets, computed from the figures of ``backend`` on
     devices of ``kind``; met when ``value <= limit`` (``at_most``) or ``value >=
     limit``.  ``value(figures)`` reads :class:`Figures`.  Printed, never asserted:
@@ -87,30 +87,30 @@ def _first_step(cache):
 
 
 TARGETS = (
-    Target("MVN-Grad's default step / AdamW(fused=True)", "torch", "cpu", 1.35, True,
+    SpeedTarget("MVN-Grad's default step / AdamW(fused=True)", "torch", "cpu", 1.35, True,
            _ratio("mvn", "kernel")),
-    Target("MaxVA's default step / AdamW(fused=True)", "torch", "cpu", 1.7, True,
+    SpeedTarget("MaxVA's default step / AdamW(fused=True)", "torch", "cpu", 1.7, True,
            _ratio("maxva", "kernel")),
-    Target("least share of the copy bandwidth of a per-coordinate rule (default path)",
+    SpeedTarget("least share of the copy bandwidth of a per-coordinate rule (default path)",
            "torch", "cpu", 0.8, False, _least_share("kernel"), "share"),
-    Target("2M params in 1,000 tensors: MVN-Grad / AdamW(fused=True)", "torch", "cpu", 0.5,
+    SpeedTarget("2M params in 1,000 tensors: MVN-Grad / AdamW(fused=True)", "torch", "cpu", 0.5,
            True, _ratio_at("mvn", "kernel", 1_000)),
-    Target("2M params in 10,000 tensors: MVN-Grad / AdamW(fused=True)", "torch", "cpu", 0.1,
+    SpeedTarget("2M params in 10,000 tensors: MVN-Grad / AdamW(fused=True)", "torch", "cpu", 0.1,
            True, _ratio_at("mvn", "kernel", 10_000)),
-    Target("MVN-Grad's first step, empty kernel cache (s)", "torch", "cpu", 3.0, True,
+    SpeedTarget("MVN-Grad's first step, empty kernel cache (s)", "torch", "cpu", 3.0, True,
            _first_step("cold"), "s"),
-    Target("MVN-Grad's first step, warm kernel cache (s)", "torch", "cpu", 0.2, True,
+    SpeedTarget("MVN-Grad's first step, warm kernel cache (s)", "torch", "cpu", 0.2, True,
            _first_step("warm"), "s"),
-    Target("mvn_grad / optax.adam, both jitted", "jax", "cpu", 1.0, True, _ratio("mvn", "jit")),
-    Target("2M params in 1,000 tensors: mvn_grad / optax.adam", "jax", "cpu", 1.0, True,
+    SpeedTarget("mvn_grad / optax.adam, both jitted", "jax", "cpu", 1.0, True, _ratio("mvn", "jit")),
+    SpeedTarget("2M params in 1,000 tensors: mvn_grad / optax.adam", "jax", "cpu", 1.0, True,
            _ratio_at("mvn", "jit", 1_000)),
-    Target("least share of the copy bandwidth of a per-coordinate rule", "numpy", "cpu", 0.8,
+    SpeedTarget("least share of the copy bandwidth of a per-coordinate rule", "numpy", "cpu", 0.8,
            False, _least_share("arrays"), "share"),
-    Target("MVN-Grad's share of the copy bandwidth (default path)", "torch", "gpu", 0.85, False,
+    SpeedTarget("MVN-Grad's share of the copy bandwidth (default path)", "torch", "gpu", 0.85, False,
            _share("mvn", "kernel"), "share"),
-    Target("mvn_grad's share of the copy bandwidth, jitted", "jax", "gpu", 0.85, False,
+    SpeedTarget("mvn_grad's share of the copy bandwidth, jitted", "jax", "gpu", 0.85, False,
            _share("mvn", "jit"), "share"),
-    Target("MVN-Grad's share of the copy bandwidth (fused=True)", "cupy", "gpu", 0.85, False,
+    SpeedTarget("MVN-Grad's share of the copy bandwidth (fused=True)", "cupy", "gpu", 0.85, False,
            _share("mvn", "fused"), "share"),
 )
 

@@ -13,7 +13,7 @@ the collectives of one step and what they cost: the same all-reduces (sizes and
 dtypes recorded during a step) replayed alone, each after a barrier, median time.
 The step times include the waiting for the slower process that the collectives
 impose; the replayed time is the communication itself.  On a cluster, run the worker
-directly: ``torchrun --nproc-per-node=8 -m mvn_core.conformance.bench_distributed
+directly: ``torchrun --nproc-per-node=8 -m mvn_core.bench.distributed
 --worker``.
 """
 
@@ -24,7 +24,7 @@ import statistics
 import time
 
 WARMUP = 2
-MODULE = "mvn_core.conformance.bench_distributed"  # also when run as __main__
+MODULE = "mvn_core.bench.distributed"  # also when run as __main__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,9 +15,9 @@ import functools
 import mvn_core
 from mvn_core import backends
 
-from .bench_timing import (OURS, BackendBench, Case, MemoryProbe, Stepper, Workload,
+from .timing import (OURS, BackendBench, BenchCase, MemoryProbe, Stepper, Workload,
                            auto_device_kind, hyperparameters, split_sizes)
-from .targets import device_name
+from mvn_core.conformance.targets import device_name
 
 NAME = "jax"
 PATH = "jit"
@@ -191,13 +191,13 @@ def _optax_sgd(h):
     return optax.sgd(h["lr"], momentum=h["momentum"], nesterov=h["nesterov"])
 
 
-def _case(rule_name, implementation, make_tx, baseline=False) -> Case:
-    return Case(NAME, rule_name, implementation, PATH,
+def _case(rule_name, implementation, make_tx, baseline=False) -> BenchCase:
+    return BenchCase(NAME, rule_name, implementation, PATH,
                 functools.partial(_run, make_tx, rule_name), requires=("optax",),
                 baseline=baseline, compiled=True)
 
 
-def cases() -> list[Case]:
+def cases() -> list[BenchCase]:
     ours = [_case(rule.name, OURS, functools.partial(_ours, rule.name))
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"]
     return [

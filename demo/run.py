@@ -17,18 +17,19 @@ import numpy as np
 import mvn_core
 from mvn_core import backends
 
-from . import demo_keras, mlp
-from .demo_frameworks import JAX_PATH, TORCH_PATH, train_jax_model, train_torch_module
-from .training import Run, load_digits_data, train
+from . import with_keras as demo_keras
+from . import mlp
+from .frameworks import JAX_PATH, TORCH_PATH, train_jax_model, train_torch_module
+from .training import TrainingRun, load_digits_data, train
 
-NUMPY_FLOAT64 = Run("numpy", "float64", "cpu")
+NUMPY_FLOAT64 = TrainingRun("numpy", "float64", "cpu")
 # The framework adapters the demo trains MVN-Grad with, by the backend they run on.
 FRAMEWORKS = {"torch": (TORCH_PATH, train_torch_module), "jax": (JAX_PATH, train_jax_model)}
 
 RULES = ("mvn", "adam")
 
 
-def plan_runs(selected=None) -> list[Run]:
+def plan_runs(selected=None) -> list[TrainingRun]:
     """NumPy float64 first (the reference), then every installed backend (or those
     ``selected``) on each of its devices, in float64 where it has it and float32."""
     known = backends.NAMES + backends.PARTIAL  # TensorFlow: through Keras only
@@ -44,7 +45,7 @@ def plan_runs(selected=None) -> list[Run]:
             supported = lib.dtypes(device)
             for dtype in ("float64", "float32"):
                 if dtype in supported:
-                    runs.append(Run(name, dtype, device, compiled=name == "jax"))
+                    runs.append(TrainingRun(name, dtype, device, compiled=name == "jax"))
     return runs
 
 
@@ -115,7 +116,7 @@ def _keras_run(backend, runs):
     for run in runs:
         if run.backend == backend and run.dtype == "float32":
             return run
-    return Run(backend, "float32", "CPU:0")
+    return TrainingRun(backend, "float32", "CPU:0")
 
 
 def plan_jobs(runs):
