@@ -86,6 +86,9 @@ def expression(node, name_of=lambda v: v.name) -> str:
         code = f"(!{args[0]})"
     elif op == "sqrt":
         code = f"{'sqrt' if node.dtype == DOUBLE else 'sqrtf'}({args[0]})"
+    elif op == "sign":  # the Array API's (and NumPy's): +0 for either zero, NaN for NaN
+        x = args[0]
+        code = f"({x} > 0 ? 1 : ({x} < 0 ? -1 : ({x} == {x} ? 0 : {x})))"
     elif op == "isfinite":
         code = f"isfinite({args[0]})"
     elif op == "where":

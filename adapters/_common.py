@@ -5,6 +5,7 @@ an array that cannot be updated in place because its elements share memory."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from mvn_core import Rule, rules
@@ -24,6 +25,19 @@ def gan_options(option: Any) -> dict | None:
                         f"({', '.join(GAN.defaults)}), got a {type(option).__name__}")
     GAN.check_hyperparameters(**option)
     return {**GAN.defaults, **option}
+
+
+class Subset(SimpleNamespace):
+    """A stand-in Array-API namespace: the functions it has are the subset of the
+    standard it implements; asked for another, it raises an error that names it and
+    lists the subset, instead of a bare AttributeError."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        known = ", ".join(n for n in vars(self) if not n.startswith("_"))
+        raise AttributeError(f"{name} is not in the Array-API subset that {self.__name__} "
+                             f"implements ({known})")
 
 
 def check_with_learning_rate(rule: Rule, hyper: Mapping, learning_rate: Any = None) -> None:

@@ -33,6 +33,8 @@ import numpy as np
 
 from mvn_core.backends import numpy as numpy_backend
 
+from ._common import Subset
+
 # dtype name -> rank among floating dtypes (for promotion): 0 bool, 1 half formats.
 FLOATING = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
 BOOL = "bool"
@@ -222,22 +224,12 @@ def _unsupported(name):
     return refuse
 
 
-class _Namespace(SimpleNamespace):
-    """The Array-API subset a rule's per-tensor mathematics may use in a kernel: the
-    operators of :class:`Value`, ``sqrt``, ``where``, ``clip``, ``astype``,
-    ``isfinite``, ``zeros_like`` and ``ones_like``.  A rule calling anything else gets
-    an error that names it."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise AttributeError(f"{name} is not in the Array-API subset that kernels implement "
-                             f"({', '.join(n for n in vars(self) if not n.startswith('_'))})")
-
-
-namespace = _Namespace(
+# The Array-API subset a rule's per-tensor mathematics may use in a kernel: the operators
+# of :class:`Value` and the functions below (``sum`` refuses, saying why).
+namespace = Subset(
     __name__="mvn_core.adapters._elementwise",
     sqrt=lambda x: x.graph.emit("sqrt", x.dtype, (x,), x.weak),
+    sign=lambda x: x.graph.emit("sign", x.dtype, (x,), x.weak),
     where=_where,
     clip=_clip,
     astype=_astype,

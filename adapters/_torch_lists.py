@@ -11,9 +11,9 @@ the results are bit for bit those of the per-tensor path.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
+
+from ._common import Subset
 
 
 class TensorList:
@@ -120,6 +120,13 @@ def _sqrt(x):
     return TensorList(torch._foreach_sqrt(x.tensors))
 
 
+def _sign(x):
+    # torch.sign gives 0 for NaN; the standard (and the pure path, through
+    # array-api-compat) gives NaN
+    signs = torch._foreach_sign(x.tensors)
+    return TensorList(torch.where(torch.isnan(t), t, s) for t, s in zip(x.tensors, signs))
+
+
 def _where(condition, a, b):
     return _each(torch.where, condition, a, b)
 
@@ -143,9 +150,12 @@ def _astype(x, dtype, copy=True):
     return TensorList(t.to(dtype, copy=copy) for t in x.tensors)
 
 
-namespace = SimpleNamespace(
+# The Array-API subset a rule's per-tensor mathematics may use on lists of tensors: the
+# operators of :class:`TensorList` and these functions.
+namespace = Subset(
     __name__="mvn_core.adapters._torch_lists",
     sqrt=_sqrt,
+    sign=_sign,
     where=_where,
     clip=_clip,
     astype=_astype,

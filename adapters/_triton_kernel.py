@@ -137,6 +137,11 @@ def expression(node, name_of=lambda v: v.name) -> str:
     elif op == "sqrt":
         x = operand(node.args[0], node.dtype)
         code = f"tl.math.sqrt_rn({x})" if value_type(node.dtype) == "tl.float32" else f"tl.sqrt({x})"
+    elif op == "sign":  # as the C kernel's: +0 for either zero, NaN for NaN
+        x = operand(node.args[0], node.dtype)
+        one, zero = _constant(1.0, node.dtype), _constant(0.0, node.dtype)
+        code = (f"tl.where({x} > {zero}, {one}, tl.where({x} < {zero}, -{one}, "
+                f"tl.where({x} == {x}, {zero}, {x})))")
     elif op == "isfinite":
         (x,) = node.args
         code = f"(tl.abs({operand(x)}) < {_constant(math.inf, x.dtype)})"

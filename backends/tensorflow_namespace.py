@@ -16,7 +16,7 @@ Implemented, with the 2023.12 semantics, for real floating, integer and boolean 
   comparisons, ``& | ~``; indexing by integers and slices; ``__array__``, ``float()``,
   ``int()`` and ``bool()`` (eager tensors only);
 - creation: ``asarray``, ``zeros``, ``zeros_like``, ``ones_like``, ``full_like``;
-- elementwise: ``sqrt``, ``log``, ``expm1``, ``isfinite``, ``where``, ``clip``;
+- elementwise: ``sqrt``, ``sign``, ``log``, ``expm1``, ``isfinite``, ``where``, ``clip``;
 - reduction and manipulation: ``sum``, ``stack``;
 - data types: ``astype``, ``result_type``, ``isdtype``, ``finfo``, ``iinfo``; ``float16``,
   ``bfloat16`` (not in the standard), ``float32``, ``float64``, ``int32``, ``int64``,
@@ -208,6 +208,10 @@ def log(x: Array, /) -> Array:
 
 def expm1(x: Array, /) -> Array:
     return Array(tf.math.expm1(x.tensor))
+
+
+def sign(x: Array, /) -> Array:
+    return Array(tf.math.sign(x.tensor))
 
 
 def isfinite(x: Array, /) -> Array:

@@ -17,6 +17,7 @@ from mvn_core import backends
 
 from .timing import (OURS, BackendBench, BenchCase, MemoryProbe, Stepper, Workload,
                            auto_device_kind, hyperparameters, split_sizes)
+from mvn_core.conformance import oracle
 from mvn_core.conformance.targets import device_name
 
 NAME = "jax"
@@ -159,36 +160,13 @@ def _ours(rule_name, h):
     return factory(**{("learning_rate" if k == "lr" else k): v for k, v in h.items()})
 
 
-def _optax_adam(h):
+BASELINE = "optax.adam"  # the row every other is read against
+
+
+def _peer(peer, h):
     import optax
 
-    return optax.adam(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=0.0)
-
-
-def _optax_adamw(h):
-    import optax
-
-    return optax.adamw(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=0.0,
-                       weight_decay=h["weight_decay"])
-
-
-def _optax_adabelief(h):
-    import optax
-
-    return optax.adabelief(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=h["eps"])
-
-
-def _optax_novograd(h):
-    import optax
-
-    return optax.novograd(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], eps_root=0.0,
-                          weight_decay=h["weight_decay"])
-
-
-def _optax_sgd(h):
-    import optax
-
-    return optax.sgd(h["lr"], momentum=h["momentum"], nesterov=h["nesterov"])
+    return peer.make(optax, {**h, **peer.hyper})
 
 
 def _case(rule_name, implementation, make_tx, baseline=False) -> BenchCase:
@@ -200,14 +178,11 @@ def _case(rule_name, implementation, make_tx, baseline=False) -> BenchCase:
 def cases() -> list[BenchCase]:
     ours = [_case(rule.name, OURS, functools.partial(_ours, rule.name))
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"]
-    return [
-        _case("adam", "optax.adam", _optax_adam, baseline=True),
-        _case("adam", "optax.adamw", _optax_adamw),
-        _case("adabelief", "optax.adabelief", _optax_adabelief),
-        _case("novograd", "optax.novograd", _optax_novograd),
-        _case("sgd", "optax.sgd", _optax_sgd),
-        *ours,
-    ]
+    peers = [_case(rule_name, peer.name, functools.partial(_peer, peer),
+                   baseline=peer.name == BASELINE)
+             for rule_name, entry in oracle.ENTRIES.items() for peer in entry.peers
+             if peer.library == "optax" and "jit" in peer.bench]
+    return [*sorted(peers, key=lambda case: not case.baseline), *ours]
 
 
 BENCH = BackendBench(NAME, device_kind, unavailable_reason, workload, cases)

@@ -7,9 +7,7 @@ timm's LaProp, AdaBelief (foreach) and NvNovoGrad, and ``adabelief_pytorch.AdaBe
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import time
 
 import mvn_core
@@ -17,6 +15,7 @@ from mvn_core import backends
 
 from .timing import (OURS, BackendBench, BenchCase, MemoryProbe, Stepper, Workload,
                            auto_device_kind, hyperparameters, split_sizes)
+from mvn_core.conformance import oracle
 from mvn_core.conformance.targets import device_name
 
 NAME = "torch"
@@ -117,61 +116,25 @@ def _ours(rule_name: str, options: dict, work: Workload) -> Stepper:
     return _stepper(cls(work.params, **h, **options), work.device)
 
 
-# --- the peers -------------------------------------------------------------------------
+# --- the peers: those of the rules' oracle entries that name paths to time ---------------
 
-def _peer(factory, rule_name: str, work: Workload) -> Stepper:
-    return _stepper(factory(work.params, hyperparameters(rule_name)), work.device)
-
-
-def _torch_optim(class_name, params, h, **path):
-    cls = getattr(_torch().optim, class_name)
-    if class_name == "SGD":
-        return cls(params, lr=h["lr"], momentum=h["momentum"], **path)
-    return cls(params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-               weight_decay=h["weight_decay"], **path)
+BASELINE = ("torch.optim.AdamW", "fused")  # the row every other is read against
 
 
-def _timm_laprop(params, h):
-    from mvn_core.conformance.peers import timm_optim
-
-    return timm_optim("laprop").LaProp(params, lr=h["lr"], betas=(h["b1"], h["b2"]),
-                                       eps=h["eps"], foreach=True)
-
-
-def _timm_adabelief(params, h):
-    from mvn_core.conformance.peers import timm_optim
-
-    return timm_optim("adabelief").AdaBelief(
-        params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-        weight_decay=h["weight_decay"], decoupled_decay=True, rectify=False, foreach=True)
+def _peer(peer, rule_name: str, path: str, work: Workload) -> Stepper:
+    h = {**hyperparameters(rule_name), **peer.hyper}
+    options = {} if path == "loop" else {path: True}
+    make = peer.bench_make or peer.make
+    return _stepper(make(work.params, h, **options), work.device)
 
 
-def _timm_novograd(params, h):
-    from mvn_core.conformance.peers import timm_optim
-
-    return timm_optim("nvnovograd").NvNovoGrad(
-        params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-        weight_decay=h["weight_decay"], grad_averaging=h["grad_averaging"])
-
-
-def _official_adabelief(params, h):
-    from adabelief_pytorch import AdaBelief
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings
-        return AdaBelief(params, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-                         weight_decay=h["weight_decay"], weight_decouple=True,
-                         fixed_decay=False, rectify=False, print_change_log=False)
-
-
-def _peer_case(rule_name, implementation, path, factory, requires=(), baseline=False) -> BenchCase:
-    return BenchCase(NAME, rule_name, implementation, path,
-                functools.partial(_peer, factory, rule_name), requires=requires,
-                baseline=baseline)
-
-
-def _torch_optim_case(rule_name, class_name, path, baseline=False) -> BenchCase:
-    factory = functools.partial(_torch_optim, class_name, **{path: True})
-    return _peer_case(rule_name, f"torch.optim.{class_name}", path, factory, baseline=baseline)
+def _peer_cases() -> list[BenchCase]:
+    found = [BenchCase(NAME, rule_name, peer.name, path,
+                       functools.partial(_peer, peer, rule_name, path), requires=peer.requires,
+                       baseline=(peer.name, path) == BASELINE)
+             for rule_name, entry in oracle.ENTRIES.items() for peer in entry.peers
+             if peer.library == "torch" for path in peer.bench]
+    return sorted(found, key=lambda case: not case.baseline)
 
 
 def cases() -> list[BenchCase]:
@@ -179,19 +142,7 @@ def cases() -> list[BenchCase]:
                  slow=path == "reference", compiled=path == "kernel")
             for rule in mvn_core.rules.values() if rule.kind == "optimizer"
             for path, options in PATHS.items()]
-    return [
-        _torch_optim_case("adam", "AdamW", "fused", baseline=True),
-        _torch_optim_case("adam", "AdamW", "foreach"),
-        _torch_optim_case("adam", "Adam", "fused"),
-        _torch_optim_case("adam", "Adam", "foreach"),
-        _torch_optim_case("sgd", "SGD", "foreach"),
-        _peer_case("laprop", "timm LaProp", "foreach", _timm_laprop, ("timm",)),
-        _peer_case("adabelief", "timm AdaBelief", "foreach", _timm_adabelief, ("timm",)),
-        _peer_case("novograd", "timm NvNovoGrad", "loop", _timm_novograd, ("timm",)),
-        _peer_case("adabelief", "adabelief_pytorch.AdaBelief", "loop", _official_adabelief,
-                   ("adabelief_pytorch",)),
-        *ours,
-    ]
+    return [*_peer_cases(), *ours]
 
 
 def first_steps(work: Workload) -> dict:

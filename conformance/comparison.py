@@ -65,7 +65,7 @@ def reference_bounds(rule: str, hyper: dict, dtype: str, problem, reference, alp
         return [gan_bounds(dtype, grads, ref, alpha)
                 for grads, ref, alpha in zip(problem.grads, reference, alphas)]
     full = dict(oracle.DEFAULTS[rule], **hyper)
-    return trajectory_bounds(rule, full, dtype, problem.params, reference)
+    return trajectory_bounds(rule, full, dtype, problem.params, reference, grads=problem.grads)
 
 
 def compare(got, reference, bounds, dtype: str) -> Comparison:

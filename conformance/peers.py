@@ -292,7 +292,8 @@ def _peer_kappa(check: PeerCheck, dtype: str, h: dict) -> Callable[[int], float]
 def _param_errors(check, dtype, problem, ours, theirs):
     h = check.full_hyper
     bounds = trajectory_bounds(check.model_rule or check.rule, h, dtype, problem.params, ours,
-                               other_dtype=dtype, extra_kappa=_peer_kappa(check, dtype, h))
+                               other_dtype=dtype, extra_kappa=_peer_kappa(check, dtype, h),
+                               grads=problem.grads)
     errors, tolerances = [], []
     for xs, ys, bs in zip(ours, theirs, bounds):
         step_errors, step_tolerances = [], []

@@ -24,6 +24,10 @@ gradients) are exactly the oracle's:
 * a reduction over ``n`` entries (NovoGrad's norm, GAN's statistics), summed pairwise
   or in blocks as NumPy, PyTorch and XLA do, adds ``log2(n) + 1`` eps;
 * writing ``theta + update`` rounds once more, by ``eps |theta|``;
+* a rule whose update jumps as a value crosses zero (Lion's sign; ``Entry.switches``)
+  may land on the other side where that value lies within ``kappa_t * eps`` of zero,
+  relative to the terms it is summed from: there the jump is allowed, from that step
+  on (it is not undone later);
 * what a rule's own arithmetic adds, as its oracle entry says (``Entry.rounding``):
   AdaBelief's rectification, whose ``rho_t`` is a small difference of two large
   numbers.  (The reference computes it exactly; a step whose ``rho_t`` lies within
@@ -115,24 +119,47 @@ def reduction(n: int) -> float:
 
 
 def trajectory_bounds(rule: str, hyper: dict, dtype, params0, reference, *,
-                      other_dtype="float64", extra_kappa=None) -> list:
+                      other_dtype="float64", extra_kappa=None, grads=None) -> list:
     """Per step and tensor, the largest allowed ``|theta - theta*|`` (arrays like theta).
 
     ``other_dtype`` is the dtype the reference rounds in (the float64 oracle; a peer
     rounds in the run's dtype), ``extra_kappa(t)`` what the reference adds to step
     ``t``'s relative error, in eps (e.g. a peer's bias correction ``1 - b**t``).
+    ``grads`` (per step, the tensors' gradients) lets a rule whose update jumps
+    (``Entry.switches``) allow the jump where it may fall either way.
     """
     eps = machine_eps(dtype) + machine_eps(other_dtype)  # the run's rounding and the reference's
     previous = [np.asarray(p, dtype=np.float64) for p in params0]
     accumulated = [np.zeros_like(p) for p in previous]
+    jumps = _switches(rule, hyper, grads)
+    jumped = [np.zeros_like(p) for p in previous]
     bounds = []
     for t, thetas in enumerate(reference, start=1):
         for i, theta in enumerate(thetas):
             k = kappa(rule, hyper, t, theta.size) + (extra_kappa(t) if extra_kappa else 0.0)
             accumulated[i] = accumulated[i] + k * np.abs(theta - previous[i]) + np.abs(theta)
+            if jumps is not None:
+                jumped[i] = jumped[i] + _undecided_jump(jumps[t - 1][i], k * eps)
         previous = thetas
-        bounds.append([eps * a for a in accumulated])
+        bounds.append([eps * a + j for a, j in zip(accumulated, jumped)])
     return bounds
+
+
+def _switches(rule: str, hyper: dict, grads) -> list | None:
+    switches = oracle.ENTRIES[rule].switches
+    if switches is None:
+        return None
+    if grads is None:
+        raise ValueError(f"{rule}'s bounds need the gradients: its update jumps")
+    return switches(grads, hyper)
+
+
+def _undecided_jump(switch: oracle.Switch, relative_error: float) -> np.ndarray:
+    """The jump, where the value that decides it lies within its rounding of zero: a
+    run may then take the other side, and keeps the difference (a sign's jump is not
+    undone by later steps)."""
+    undecided = np.abs(switch.value) <= relative_error * switch.scale
+    return np.where(undecided, switch.jump, 0.0)
 
 
 def gan_bounds(dtype, grads, reference, alpha) -> list:

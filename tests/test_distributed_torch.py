@@ -24,6 +24,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("this PyTorch has no torch.distributed with gloo", allow_module_level=True)
 
+import mvn_core  # noqa: E402
 from mvn_core.bench.launch import torchrun  # noqa: E402
 
 WORKER_PATH = Path(__file__).parent / "workers" / "distributed_torch.py"
@@ -33,7 +34,7 @@ _spec.loader.exec_module(worker)
 
 TIMEOUT = 300  # seconds: about 20 on an idle 2-core machine
 FLOAT64 = 1e-10  # float64 agreement with one process (the gradients' sums differ in rounding)
-PER_COORDINATE = [n for n in worker.CLASSES if n != "novograd"]
+PER_COORDINATE = [n for n in worker.CLASSES if mvn_core.rules[n].per_coordinate]
 GAN = {"tensor": 2, "channel": 1}  # collectives per step: the sums, then the squares
 
 
@@ -66,7 +67,7 @@ def test_fsdp2_gives_the_single_process_parameters(run, name, path):
     record = _fsdp(run, name, path)
     assert record["error"] <= FLOAT64
     # a coordinate's step needs that coordinate alone; NovoGrad's norms: one collective
-    assert record["collectives_per_step"] == ([1] if name == "novograd" else [0])
+    assert record["collectives_per_step"] == [0 if mvn_core.rules[name].per_coordinate else 1]
 
 
 @pytest.mark.parametrize("name", list(worker.CLASSES))
@@ -86,7 +87,7 @@ def test_fsdp2_state_is_sharded_like_the_params(run, name):
 def test_fsdp2_with_gan(run, name, options, gan):
     record = _fsdp(run, name, options)
     assert record["error"] <= FLOAT64
-    assert record["collectives_per_step"] == [GAN[gan] + (name == "novograd")]
+    assert record["collectives_per_step"] == [GAN[gan] + (not mvn_core.rules[name].per_coordinate)]
 
 
 @pytest.mark.parametrize("name", ["mvn", "novograd"])
@@ -95,7 +96,7 @@ def test_fsdp2_fused(run, name):
     the multi-tensor kernels on them, with its norms from one collective."""
     record = _fsdp(run, name, '{"fused": true}')
     assert record["error"] <= FLOAT64
-    assert record["collectives_per_step"] == ([1] if name == "novograd" else [0])
+    assert record["collectives_per_step"] == [0 if mvn_core.rules[name].per_coordinate else 1]
 
 
 @pytest.mark.parametrize("name", [n for n in worker.CLASSES] + ["gan tensor", "gan channel"])
@@ -105,11 +106,12 @@ def test_pure_functions_on_dtensors(run, name):
     does not grow with the number of tensors."""
     record = _section(run, "pure")[name]
     assert record["error"] <= 1e-12
-    expected = {"novograd": 1, "gan tensor": GAN["tensor"],
+    reduces = not name.startswith("gan") and not mvn_core.rules[name].per_coordinate
+    expected = {"gan tensor": GAN["tensor"],
                 # per channel, the one matrix sharded over its columns needs its own two
-                "gan channel": GAN["channel"] + 2}.get(name, 0)
+                "gan channel": GAN["channel"] + 2}.get(name, int(reduces))
     assert record["collectives_per_step"] == [expected]
-    if name == "novograd" or name.startswith("gan"):
+    if reduces or name.startswith("gan"):
         assert record["collectives_per_step_9_tensors"] == [expected]
 
 

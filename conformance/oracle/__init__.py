@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -71,6 +71,16 @@ class Scaling:
     updates: int = 0
 
 
+class Switch(NamedTuple):
+    """Where a rule's update jumps as a value crosses zero (Lion's sign): that value as
+    the oracle computes it, the magnitude its rounding is relative to (the terms it is
+    summed from), and the size of the jump of the parameter."""
+
+    value: np.ndarray
+    scale: np.ndarray
+    jump: float
+
+
 @dataclass(frozen=True)
 class Entry:
     """One rule's reference (see the module's docstring).
@@ -87,6 +97,9 @@ class Entry:
     ``rounding(h, t)`` is what the rule's own arithmetic adds to the tolerance model
     at step ``t``, in units of eps (AdaBelief's rectification).  ``half_state`` says
     whether its buffers fit a float16 state for every gradient of the supported range.
+    ``switches(grads_per_step, h)`` gives, for a rule whose update jumps where a value
+    crosses zero, that value per step and tensor (:class:`Switch`): a run may land on
+    the other side where the value lies within its rounding of zero.
     """
 
     defaults: Mapping[str, Any]
@@ -99,6 +112,7 @@ class Entry:
     scaling: Scaling | None = None
     rounding: Callable[[Mapping, int], float] | None = None
     half_state: bool = True
+    switches: Callable[[list, Mapping], list] | None = None
     peers: tuple[Peer, ...] = ()
 
 

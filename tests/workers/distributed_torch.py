@@ -26,11 +26,11 @@ import torch.distributed as dist
 import mvn_core
 from mvn_core.adapters import torch as adapters
 
-CLASSES = {"mvn": adapters.MVNGrad, "maxva": adapters.MaxVA, "novograd": adapters.NovoGrad,
-           "adam": adapters.Adam, "adabelief": adapters.AdaBelief, "laprop": adapters.LaProp,
-           "sgd": adapters.SGD}
+CLASSES = dict(adapters.OPTIMIZERS)
 HYPER = {"lr": 1e-2, "weight_decay": 0.1}
-EXTRA = {"sgd": {"momentum": 0.9}, "adabelief": {"rectify": True}}
+# each rule also in its last checked setting (SGD with momentum, AdaBelief rectified, ...)
+EXTRA = {name: {k: v for k, v in mvn_core.rules[name].settings[-1].items() if k not in HYPER}
+         for name in CLASSES if mvn_core.rules[name].settings}
 STEPS, BATCH = 4, 8
 RESUMED = ("mvn", "novograd")  # the rules checkpointed across process counts
 
