@@ -505,7 +505,7 @@ def _all_finite(grads: list) -> bool:
     (a NaN or an Inf makes its tensor's sum non-finite, on every device: unlike a
     maximum, which some kernels take with NaN-ignoring instructions) and one read of
     its flag.  A sum of finite magnitudes could overflow only for gradients far beyond
-    the range the rules support (``|g| <= 2**62``, README): such a step is skipped too."""
+    the range the rules support (``|g| <= 2**62``, docs/rules.md): such a step is skipped too."""
     sharded = [g for g in grads if isinstance(g, _torch_sharded.DTensor)]
     if sharded and not bool(mvn_core.all_finite(sharded)):  # reduced over the processes
         return False

@@ -386,23 +386,24 @@ def test_float16_params_with_small_gradients_step_as_in_float64(name):
 
 # --- autograd ----------------------------------------------------------------------------
 
-def _readme_snippet(containing):
+def _guide_snippet(containing):
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = readme.split("```python\n")[1:]
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "pure-api.md").read_text()
+    blocks = guide.split("```python\n")[1:]
     found = [b.split("```")[0] for b in blocks if containing in b.split("```")[0]]
-    assert len(found) == 1, f"README has {len(found)} python blocks with {containing!r}"
+    assert len(found) == 1, f"the pure API's guide has {len(found)} python blocks with {containing!r}"
     return found[0]
 
 
 def test_the_documented_idiom_for_parameters_that_require_grad():
     """The pure functions are differentiable (nothing stops autograd), so with params
     that require grad and coupled weight decay the state carries every step's graph;
-    README's contract shows the ``torch.no_grad()`` idiom, which keeps it plain."""
+    the contract (docs/guide/pure-api.md) shows the ``torch.no_grad()`` idiom, which keeps
+    it plain."""
     torch = pytest.importorskip("torch")
     namespace = {}
-    exec(_readme_snippet("torch.no_grad()"), namespace)
+    exec(_guide_snippet("torch.no_grad()"), namespace)
     state = namespace["state"]
     assert int(state.count) == 3
     assert all(not a.requires_grad and a.grad_fn is None

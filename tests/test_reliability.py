@@ -184,10 +184,11 @@ def _first_coordinate_poisoned(rule_name, bad, gan=False):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 def test_default_policy_is_the_documented_ieee_arithmetic(name, bad):
-    """What README's "Non-finite gradients" says: a per-coordinate rule loses that
-    coordinate for good and nothing else; NovoGrad loses the whole tensor to a NaN, and
-    to an Inf that coordinate (the rest of the tensor then steps on its momentum alone);
-    GAN in front spreads either over every tensor of 2 or more dimensions."""
+    """What the contract's "Non-finite gradients" says (docs/guide/pure-api.md): a
+    per-coordinate rule loses that coordinate for good and nothing else; NovoGrad loses
+    the whole tensor to a NaN, and to an Inf that coordinate (the rest of the tensor then
+    steps on its momentum alone); GAN in front spreads either over every tensor of 2 or
+    more dimensions."""
     poisoned = _first_coordinate_poisoned(name, bad)
     whole = name == "novograd" and np.isnan(bad)
     expected = np.ones((3, 2), bool) if whole else np.eye(1, 6, dtype=bool).reshape(3, 2)
