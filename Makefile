@@ -18,8 +18,10 @@ $(INSTALLED): pyproject.toml .ci/constraints.txt
 demo: $(INSTALLED)
 	$(BIN)/mvn-core demo
 
+# Every core runs tests, one test file per worker, so that a module's fixtures (a
+# distributed launch, a Keras process) are made once.
 test: $(INSTALLED)
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 # The documentation site, built strictly (a broken link, a page missing from the nav or
 # an API object that cannot be resolved fails) into build/site.  mkdocstrings imports

@@ -19,6 +19,26 @@ def on_startup(command, dirty):
     sys.modules.setdefault("tensorflow", None)  # import tensorflow raises ImportError
 
 
+RULES_TABLE = "<!-- the rules table, generated from the registry -->"
+
+
+def on_page_markdown(markdown, page, config, files):
+    """A page's ``RULES_TABLE`` marker becomes the table of the registered rules, so
+    that a new rule is listed without anyone writing it here."""
+    return markdown.replace(RULES_TABLE, rules_table()) if RULES_TABLE in markdown else markdown
+
+
+def rules_table() -> str:
+    import mvn_core
+
+    rows = ["| rule | function | reference | defaults |", "| --- | --- | --- | --- |"]
+    for rule in mvn_core.rules.values():
+        defaults = ", ".join(f"{name}={value!r}" for name, value in rule.defaults.items())
+        rows.append(f"| {rule.title} | `{rule.update.__name__}` | {rule.reference} | "
+                    f"`{defaults}` |")
+    return "\n".join(rows)
+
+
 try:  # the griffe extension below is loaded by mkdocstrings (mkdocs.yml, extensions)
     import griffe
 except ImportError:  # pragma: no cover

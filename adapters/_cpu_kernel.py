@@ -48,12 +48,12 @@ def _warn_once(reason: str) -> None:
                   stacklevel=4)
 
 
-def buildable(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool,
+def buildable(tensor_rule, step_scalars: SimpleNamespace, dtypes: tuple, decays: bool,
               negate_grad: bool = False) -> bool:
     """Whether the kernel of this step compiles (it is compiled now if need be); a
     failure is said once in a warning."""
     try:
-        compiled(tensor_rule, _elementwise.describe(c), dtypes, decays, negate_grad)
+        compiled(tensor_rule, _elementwise.describe(step_scalars), dtypes, decays, negate_grad)
         return True
     except KernelUnavailable as error:
         _warn_once(str(error))
@@ -134,17 +134,19 @@ def _build(tensor_rule, description, dtypes, decays, negate_grad):
     return kernel, _native.function(kernel.source, kernel.name)
 
 
-def step(tensor_rule, c: SimpleNamespace, dtypes: tuple, decays: bool, numel: Sequence[int],
+def step(tensor_rule, step_scalars: SimpleNamespace, dtypes: tuple, decays: bool,
+         numel: Sequence[int],
          pointers: Sequence[Sequence[int]], stats: Any = None, threads: int | None = None,
          negate_grad: bool = False) -> None:
     """One launch: ``pointers`` per role of the kernel (:attr:`CpuKernel.roles`), each a
     list of data pointers, one per tensor; ``stats`` the address of the statistics as
     float64 (one per tensor) for a rule that has one."""
-    kernel, fn = compiled(tensor_rule, _elementwise.describe(c), dtypes, decays, negate_grad)
+    kernel, fn = compiled(tensor_rule, _elementwise.describe(step_scalars), dtypes, decays,
+                          negate_grad)
     table = array.array("Q")
     for role in pointers:
         table.extend(role)
-    scalars = array.array("d", (_double(getattr(c, name)) for name in kernel.scalars))
+    scalars = array.array("d", (_double(getattr(step_scalars, name)) for name in kernel.scalars))
     counts = array.array("q", numel)
     fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
        CHUNK, threads_for(sum(counts), threads))
@@ -176,10 +178,10 @@ class Launch(NamedTuple):
     members: list[int]
     dtype: Any
     names: tuple[str, ...]
-    c: SimpleNamespace
+    step_scalars: SimpleNamespace
 
 
-def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
+def plan(xp, tensor_rule, params, grads, buffer_lists, new_count, hyper, decays,
          takes: Callable[[int], bool], negate_grad: bool = False, build: Callable | None = None
          ) -> tuple[list[Launch], list[int]]:
     """The launches of one step, and the tensors left to another path: those that
@@ -190,33 +192,34 @@ def plan(xp, tensor_rule, params, grads, columns, new_count, hyper, decays,
     it (:func:`buildable`'s arguments; default :func:`buildable`, the CPU kernel)."""
     build = build or buildable
     launches, rest = [], []
-    element, per_tensor = split_buffers(tensor_rule, columns)
-    for members, dtype in same_dtypes(xp, tensor_rule, params, grads, columns):
+    element, per_tensor = split_buffers(tensor_rule, buffer_lists)
+    for members, dtype in same_dtypes(xp, tensor_rule, params, grads, buffer_lists):
         names = dtype_names(params, grads, element, per_tensor, members[0])
         if not (supports(names) and all(takes(i) for i in members)):
             rest += members
             continue
-        c = tensor_rule.scalars(xp, new_count, dtype, hyper)
-        if build(tensor_rule, c, names, decays, negate_grad):
-            launches.append(Launch(members, dtype, names, c))
+        step_scalars = tensor_rule.scalars(xp, new_count, dtype, hyper)
+        if build(tensor_rule, step_scalars, names, decays, negate_grad):
+            launches.append(Launch(members, dtype, names, step_scalars))
         else:
             rest += members
     return launches, rest
 
 
-def run(xp, tensor_rule, launches: list[Launch], params, grads, columns, decays,
+def run(xp, tensor_rule, launches: list[Launch], params, grads, buffer_lists, decays,
         address: Callable[[Any], int], numel: Callable[[Any], int], given=None,
         threads: int | None = None, negate_grad: bool = False) -> None:
     """Launch the kernels of :func:`plan` (with its ``negate_grad``).  ``address(array)``
     is an array's data pointer, ``numel(array)`` its number of elements;
     ``given``: the rule's statistic per tensor where it is not to be taken of ``grads``
     (local shards of sharded tensors), else None."""
-    element, per_tensor = split_buffers(tensor_rule, columns)
-    for members, dtype, names, c in launches:
+    element, per_tensor = split_buffers(tensor_rule, buffer_lists)
+    for members, dtype, names, step_scalars in launches:
         stats = statistics(xp, tensor_rule, grads, members, dtype, given, negate_grad)
         pointers = [[address(params[i]) for i in members], [address(grads[i]) for i in members]]
-        pointers += [[address(column[i]) for i in members] for column in element + per_tensor]
-        step(tensor_rule, c, names, decays, [numel(params[i]) for i in members], pointers,
+        pointers += [[address(b[i]) for i in members] for b in element + per_tensor]
+        step(tensor_rule, step_scalars, names, decays, [numel(params[i]) for i in members],
+             pointers,
              None if stats is None else address(stats), threads, negate_grad)
 
 
@@ -228,22 +231,22 @@ def dtype_names(params, grads, element, per_tensor, i) -> tuple[str, ...]:
     return tuple(str(n).rsplit(".", 1)[-1] for n in names)
 
 
-def same_dtypes(xp, tensor_rule, params, grads, columns) -> list[tuple[list[int], Any]]:
+def same_dtypes(xp, tensor_rule, params, grads, buffer_lists) -> list[tuple[list[int], Any]]:
     """Indices of the tensors sharing gradient, parameter and state dtypes, and the
     dtype the rule computes them in (the core's promotion)."""
     groups: dict[tuple, list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
-        key = (g.dtype, p.dtype, *(column[i].dtype for column in columns))
+        key = (g.dtype, p.dtype, *(buffer_list[i].dtype for buffer_list in buffer_lists))
         groups.setdefault(key, []).append(i)
     return [(members, tensor_rule.compute_dtype(xp, *key)) for key, members in groups.items()]
 
 
-def split_buffers(tensor_rule, columns) -> tuple[list, list]:
-    """The state's columns in the kernel's order: those of per-element buffers, and
+def split_buffers(tensor_rule, buffer_lists) -> tuple[list, list]:
+    """The state's buffer lists in the kernel's order: those of per-element buffers, and
     those of one value per tensor."""
     scalar = tensor_rule.scalar_buffers
-    named = list(zip(tensor_rule.buffer_names, columns))
-    return ([c for n, c in named if n not in scalar], [c for n, c in named if n in scalar])
+    named = list(zip(tensor_rule.buffer_names, buffer_lists))
+    return ([b for n, b in named if n not in scalar], [b for n, b in named if n in scalar])
 
 
 def statistics(xp, tensor_rule, grads, members, dtype, given=None, negate_grad=False):

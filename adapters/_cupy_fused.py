@@ -32,30 +32,31 @@ def step(rule, state, params, grads, hyper):
     import array_api_compat.cupy as xp
 
     tensor_rule = rule.tensor_rule
-    columns = list(state[1:])
-    _check(params, grads, columns)
+    buffer_lists = list(state[1:])
+    _check(params, grads, buffer_lists)
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
     new_count = next_count(xp, state.count)
-    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, columns, new_count,
+    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, buffer_lists, new_count,
                                       hyper, decays, lambda i: True, build=KERNELS.buildable)
     if rest:
         raise RuntimeError(f"fused=True cannot build the CuPy kernel of {tensor_rule.name}: "
                            "see the warning above; use fused=False")
 
     def compiled_of(batch):
-        return KERNELS.compiled(tensor_rule, _elementwise.describe(batch.c), batch.names, decays)
+        return KERNELS.compiled(tensor_rule, _elementwise.describe(batch.step_scalars),
+                                batch.names, decays)
 
-    for fn, launch in _gpu_kernel.launches(xp, tensor_rule, launches, params, grads, columns,
+    for fn, launch in _gpu_kernel.launches(xp, tensor_rule, launches, params, grads, buffer_lists,
                                            lambda a: a.data.ptr, lambda a: a.size,
                                            compiled_of):
         _run(fn, launch)
-    return type(state)(new_count, *columns)
+    return type(state)(new_count, *buffer_lists)
 
 
-def _check(params, grads, columns):
+def _check(params, grads, buffer_lists):
     """Refuse, before any kernel runs, the arrays the kernels do not take."""
-    for a in [*params, *grads, *(b for column in columns for b in column)]:
+    for a in [*params, *grads, *(b for buffer_list in buffer_lists for b in buffer_list)]:
         if str(a.dtype) not in DTYPES:
             raise TypeError(f"fused=True takes float16, float32 and float64 arrays, got "
                             f"{a.dtype}; use fused=False for other dtypes")

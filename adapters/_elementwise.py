@@ -276,11 +276,11 @@ class Trace:
         return any(i.name == "stat" for i in self.inputs)
 
 
-def describe(c: SimpleNamespace) -> tuple:
-    """What a trace depends on in the step's scalars ``c``, hashable: flags by value
+def describe(step_scalars: SimpleNamespace) -> tuple:
+    """What a trace depends on in the step's scalars, hashable: flags by value
     (static choices), numbers and arrays by kind and dtype (they are arguments)."""
     out = []
-    for name, value in vars(c).items():
+    for name, value in vars(step_scalars).items():
         if isinstance(value, bool):
             out.append((name, "flag", value))
         elif isinstance(value, (int, float)):
@@ -314,8 +314,8 @@ def trace(tensor_rule, description: tuple, dtypes: dict, *, decays: bool,
         inputs.append(Input(f"s_{name}", DOUBLE if weak else value, "scalar", weak))
         symbols[name] = Value(graph, inputs[-1].dtype, f"s_{name}", weak, uniform=True)
         scalars.append(name)
-    c = SimpleNamespace(**symbols)
-    compute = dtype_name(c.t.dtype)
+    step_scalars = SimpleNamespace(**symbols)
+    compute = dtype_name(step_scalars.t.dtype)
     g = Value(graph, grad, "g")
     inputs.append(Input("g", grad, "element"))
     p = None
@@ -333,7 +333,7 @@ def trace(tensor_rule, description: tuple, dtypes: dict, *, decays: bool,
         inputs.append(Input(f"b_{n}", dtype, kind))
         old.append(Value(graph, dtype, f"b_{n}", uniform=kind == "tensor"))
     rule_grad = -g if negate_grad else g
-    update, new = tensor_rule.step_tensor(namespace, c, rule_grad, p if decays else None,
+    update, new = tensor_rule.step_tensor(namespace, step_scalars, rule_grad, p if decays else None,
                                           tuple(old), param, statistic)
     outputs = tuple((f"b_{n}", cast(graph.operand(v), b.dtype), b.dtype)
                     for n, v, b in zip(tensor_rule.buffer_names, new, old))

@@ -64,12 +64,13 @@ class Kernels:
             raise built
         return built
 
-    def buildable(self, tensor_rule, c, dtypes: tuple, decays: bool,
+    def buildable(self, tensor_rule, step_scalars, dtypes: tuple, decays: bool,
                   negate_grad: bool = False) -> bool:
         """Whether the kernel of this step can be built (it is, now, if need be); the
         ``build`` of :func:`._cpu_kernel.plan`."""
         try:
-            self.compiled(tensor_rule, _elementwise.describe(c), dtypes, decays, negate_grad)
+            self.compiled(tensor_rule, _elementwise.describe(step_scalars), dtypes, decays,
+                          negate_grad)
             return True
         except KernelUnavailable as error:
             _cpu_kernel._warn_once(str(error))
@@ -145,22 +146,22 @@ def aligned(pointers: Sequence[Sequence[int]]) -> bool:
     return all(a % ALIGNMENT == 0 for role in pointers for a in role)
 
 
-def step_arrays(xp, c, names: Sequence[str], device) -> Any:
-    """The step's array scalars ``names`` of ``c`` as one float64 array on ``device``
+def step_arrays(xp, step_scalars, names: Sequence[str], device) -> Any:
+    """The step's array scalars ``names`` of ``step_scalars`` as one float64 array on ``device``
     (None where there are none)."""
     if not names:
         return None
-    return xp.stack([xp.astype(xp.asarray(getattr(c, n), device=device), xp.float64)
+    return xp.stack([xp.astype(xp.asarray(getattr(step_scalars, n), device=device), xp.float64)
                      for n in names])
 
 
-def old_values(xp, per_tensor_columns: list, members: Sequence[int]) -> Any:
+def old_values(xp, per_tensor_buffer_lists: list, members: Sequence[int]) -> Any:
     """The buffers of one value per tensor of ``members``, as one float64 array
     (buffer-major), or None for a rule without such buffers."""
-    if not per_tensor_columns:
+    if not per_tensor_buffer_lists:
         return None
-    return xp.stack([xp.astype(xp.reshape(column[i], ()), xp.float64)
-                     for column in per_tensor_columns for i in members])
+    return xp.stack([xp.astype(xp.reshape(buffer_list[i], ()), xp.float64)
+                     for buffer_list in per_tensor_buffer_lists for i in members])
 
 
 class Launch(NamedTuple):
@@ -175,26 +176,26 @@ class Launch(NamedTuple):
     old: Any  # float64 device array of the buffers of one value per tensor, or None
 
 
-def launches(xp, tensor_rule, planned: list, params, grads, columns, address: Callable,
+def launches(xp, tensor_rule, planned: list, params, grads, buffer_lists, address: Callable,
              numel: Callable, compiled: Callable, statistics=None, negate_grad=False):
     """For each of the batches ``planned`` by :func:`._cpu_kernel.plan`: its compiled
     kernel and what that reads.  ``compiled(batch)`` is the printed kernel (whose
     ``trace`` is read here) and its compiled function; ``address(array)`` is an array's
     data pointer, ``numel(array)`` its number of elements; ``statistics`` as for
     :func:`._cpu_kernel.run`."""
-    element, per_tensor = _cpu_kernel.split_buffers(tensor_rule, columns)
+    element, per_tensor = _cpu_kernel.split_buffers(tensor_rule, buffer_lists)
     for planned_launch in planned:
-        members, dtype, _, c = planned_launch
+        members, dtype, _, step_scalars = planned_launch
         kernel, function = compiled(planned_launch)
         device = params[members[0]].device
         stats = _cpu_kernel.statistics(xp, tensor_rule, grads, members, dtype, statistics,
                                        negate_grad)
         pointers = [[address(params[i]) for i in members], [address(grads[i]) for i in members]]
-        pointers += [[address(column[i]) for i in members] for column in element + per_tensor]
+        pointers += [[address(b[i]) for i in members] for b in element + per_tensor]
         where = layout(kernel.trace)
         meta, n_chunks = metadata([numel(params[i]) for i in members], pointers,
-                                  [float(getattr(c, n)) for n in where.numbers],
+                                  [float(getattr(step_scalars, n)) for n in where.numbers],
                                   bool(per_tensor))
         yield function, Launch(meta, n_chunks, len(members), aligned(pointers),
-                             step_arrays(xp, c, where.arrays, device), stats,
+                             step_arrays(xp, step_scalars, where.arrays, device), stats,
                              old_values(xp, per_tensor, members))

@@ -48,6 +48,8 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from mvn_core._rule import next_count
+
 from . import _c_source, _cpu_kernel, _elementwise, _native
 
 HANDLER = "mvn_core_ffi_step"  # the handler's symbol in every compiled library
@@ -231,15 +233,16 @@ def _pure(*operands, spec: Spec) -> list:
     primitive is lowered to where the kernel does not run."""
     tensor_rule = spec.tensor_rule
     grads, params, buffers, stats, arrays = _split(operands, spec)
-    c = _scalars(spec, arrays)
-    columns = {name: _member_buffers(role, spec, name in tensor_rule.scalar_buffers)
+    step_scalars = _scalars(spec, arrays)
+    buffer_lists = {name: _member_buffers(role, spec, name in tensor_rule.scalar_buffers)
                for name, role in zip(spec.roles, buffers)}
     updates, news = [], {name: [] for name in spec.roles}
     for k, g in enumerate(grads):
-        old = tuple(columns[name][k] for name in tensor_rule.buffer_names)
+        old = tuple(buffer_lists[name][k] for name in tensor_rule.buffer_names)
         statistic = None if stats is None else stats[k]
-        update, new = tensor_rule.step_tensor(jnp, c, g, params[k] if spec.decays else None,
-                                              old, jnp.dtype(spec.dtypes[0]), statistic)
+        p = params[k] if spec.decays else None
+        update, new = tensor_rule.step_tensor(jnp, step_scalars, g, p, old,
+                                              jnp.dtype(spec.dtypes[0]), statistic)
         updates.append(update)
         for name, value in zip(tensor_rule.buffer_names, new):
             news[name].append(value)
@@ -250,7 +253,7 @@ def _pure(*operands, spec: Spec) -> list:
 
 
 def _scalars(spec: Spec, arrays) -> SimpleNamespace:
-    """The step's scalars ``c`` again, from the description, the numbers and the
+    """The step's scalars again, from the description, the numbers and the
     operands."""
     numbers, arrays, values = iter(spec.numbers), iter(arrays), {}
     for name, kind, value in spec.description:
@@ -532,7 +535,7 @@ def update(rule, state, grads: list, params: list | None, hyper: dict) -> tuple[
         call, hyper = tensor_rule.checked_call(state, grads, params, hyper)
         grads, params = call.grads, call.params
     decays = tensor_rule.decays(hyper)
-    count = state.count + 1
+    count = next_count(jnp, state.count)  # saturates, as the pure rule's
     launches = _launches(tensor_rule, grads, params, buffers)
     order = [i for members, _, _ in launches for i in members]
     statistics = dict(zip(order, tensor_rule.statistics(
@@ -542,15 +545,16 @@ def update(rule, state, grads: list, params: list | None, hyper: dict) -> tuple[
     for members, dtype, kernel_dtypes in launches:
         if dtype not in scalars:
             scalars[dtype] = tensor_rule.scalars(jnp, count, dtype, hyper)
-        c = scalars[dtype]
-        spec = _spec(tensor_rule, c, kernel_dtypes, decays, grads, members, buffers.layouts())
+        step_scalars = scalars[dtype]
+        spec = _spec(tensor_rule, step_scalars, kernel_dtypes, decays, grads, members,
+                     buffers.layouts())
         operands = [grads[i] for i in members]
         operands += [params[i] for i in members] if decays else []
         for name in spec.roles:
             operands += buffers.take(name, members)
         if tensor_rule.statistic is not None:
             operands.append(jnp.stack([jnp.reshape(statistics[i], ()) for i in members]))
-        operands += [getattr(c, name) for name in spec.arrays]
+        operands += [getattr(step_scalars, name) for name in spec.arrays]
         results = step_p.bind(*operands, spec=spec)
         for i, u in zip(members, results[:len(members)]):
             updates[i] = u
@@ -661,9 +665,10 @@ def _parts(members: list, grads: list, limit: int) -> list[list[int]]:
     return parts
 
 
-def _spec(tensor_rule, c, dtypes, decays, grads, members, layouts) -> Spec:
-    description = _elementwise.describe(c)
-    numbers = tuple(float(getattr(c, name)) for name, kind, _ in description if kind == "number")
+def _spec(tensor_rule, step_scalars, dtypes, decays, grads, members, layouts) -> Spec:
+    description = _elementwise.describe(step_scalars)
+    numbers = tuple(float(getattr(step_scalars, name)) for name, kind, _ in description
+                    if kind == "number")
     shapes = tuple(tuple(grads[i].shape) for i in members)
     offsets = positions = ()
     if layouts is not None:

@@ -112,8 +112,8 @@ def _binary(foreach, a, b):
 def _each(fn, *args, **kwargs):
     """``fn`` tensor by tensor (for operations without a multi-tensor kernel)."""
     n = next(len(a) for a in args if isinstance(a, TensorList))
-    columns = [_tensors(a, n) for a in args]
-    return TensorList(fn(*row, **kwargs) for row in zip(*columns))
+    per_argument = [_tensors(a, n) for a in args]
+    return TensorList(fn(*row, **kwargs) for row in zip(*per_argument))
 
 
 def _sqrt(x):

@@ -22,7 +22,7 @@ tensors; :mod:`._torch_sharded` runs them for batches of DTensors.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat.torch as xp
 import torch
@@ -37,15 +37,15 @@ from ._torch_lists import namespace as lists
 CHUNK = 1 << 17  # elements per multi-tensor list: its temporaries stay in the caches
 
 
-def reference(rule: Rule, params, grads, columns, count, hyper):
-    state = rule.state_type(count, *(tuple(column) for column in columns))
+def reference(rule: Rule, params, grads, buffer_lists, count, hyper):
+    state = rule.state_type(count, *(tuple(buffer_list) for buffer_list in buffer_lists))
     updates, new = rule.update(state, grads, params, **hyper)
     for p, u in zip(params, updates):
         p.add_(u)
-    return new.count, [list(column) for column in new[1:]]
+    return new.count, [list(buffer_list) for buffer_list in new[1:]]
 
 
-def multi_tensor(rule: Rule, params, grads, columns, count, hyper, statistics=None):
+def multi_tensor(rule: Rule, params, grads, buffer_lists, count, hyper, statistics=None):
     """``statistics``: the rule's statistic of each tensor, when it is not to be taken
     of the tensors given (they are the local shards of DTensors: :mod:`._torch_sharded`)."""
     tensor_rule = rule.tensor_rule
@@ -54,21 +54,21 @@ def multi_tensor(rule: Rule, params, grads, columns, count, hyper, statistics=No
     new_count = next_count(xp, count)
     device = params[0].device if params else None
     hyper = {k: _on(v, device) for k, v in hyper.items()}
-    given = [] if statistics is None else [statistics]
-    for members, dtype in _cpu_kernel.same_dtypes(xp, tensor_rule, params, grads, columns):
-        c = tensor_rule.scalars(xp, new_count, dtype, hyper)
-        for part in _lists(members, params, grads, columns + given, split=rule.per_coordinate):
-            p, g, old = part[0], part[1], tuple(part[2:2 + len(columns)])
-            statistic = part[-1] if given else None
-            update, new = tensor_rule.step_tensor(lists, c, g, p if decays else None, old,
-                                                  p.dtype, statistic)
+    for members, dtype in _cpu_kernel.same_dtypes(xp, tensor_rule, params, grads, buffer_lists):
+        step_scalars = tensor_rule.scalars(xp, new_count, dtype, hyper)
+        for chunk in _chunks(members, params, grads, buffer_lists, statistics,
+                             split=rule.per_coordinate):
+            p = chunk.params
+            update, new = tensor_rule.step_tensor(lists, step_scalars, chunk.grads,
+                                                  p if decays else None, chunk.buffers,
+                                                  p.dtype, chunk.statistics)
             torch._foreach_add_(p.tensors, update.tensors)
-            for buffer, value in zip(old, new):
+            for buffer, value in zip(chunk.buffers, new):
                 torch._foreach_copy_(buffer.tensors, value.tensors)
-    return new_count, columns
+    return new_count, buffer_lists
 
 
-def kernel(rule: Rule, params, grads, columns, count, hyper, statistics=None, strict=False):
+def kernel(rule: Rule, params, grads, buffer_lists, count, hyper, statistics=None, strict=False):
     """The generated multi-tensor kernel: one call per batch of tensors that share
     their dtypes.  Tensors it does not take (on another device than the CPU, not
     contiguous, or of other dtypes) run :func:`multi_tensor`; with ``strict``
@@ -77,32 +77,32 @@ def kernel(rule: Rule, params, grads, columns, count, hyper, statistics=None, st
     Triton (:mod:`._triton_kernel`), likewise."""
     if params and _triton_kernel.steps_on(params[0].device):
         device = params[0].device
-        return _triton_kernel.torch_step(rule, params, grads, columns, count,
+        return _triton_kernel.torch_step(rule, params, grads, buffer_lists, count,
                                          {k: _on(v, device) for k, v in hyper.items()},
                                          statistics, strict, fallback=multi_tensor)
     tensor_rule = rule.tensor_rule
     hyper = tensor_rule.checked_hyperparameters(hyper)
     decays = tensor_rule.decays(hyper)
     new_count = next_count(xp, count)
-    element, _ = _cpu_kernel.split_buffers(tensor_rule, columns)
+    element, _ = _cpu_kernel.split_buffers(tensor_rule, buffer_lists)
 
     def takes(i):
         return (params[i].device.type == "cpu" and params[i].is_contiguous()
-                and grads[i].is_contiguous() and all(c[i].is_contiguous() for c in element))
+                and grads[i].is_contiguous() and all(b[i].is_contiguous() for b in element))
 
     available = _cpu_kernel.unavailable_reason() is None
-    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, columns, new_count,
+    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, buffer_lists, new_count,
                                       hyper, decays, takes if available else lambda i: False)
     if strict and rest:
         raise RuntimeError(_refusal(params[rest[0]], grads[rest[0]]))
-    _cpu_kernel.run(xp, tensor_rule, launches, params, grads, columns, decays,
+    _cpu_kernel.run(xp, tensor_rule, launches, params, grads, buffer_lists, decays,
                     torch.Tensor.data_ptr, torch.Tensor.numel, statistics,
                     threads=torch.get_num_threads())
     if rest:
         multi_tensor(rule, [params[i] for i in rest], [grads[i] for i in rest],
-                     [[column[i] for i in rest] for column in columns], count, hyper,
+                     [[buffer_list[i] for i in rest] for buffer_list in buffer_lists], count, hyper,
                      None if statistics is None else [statistics[i] for i in rest])
-    return new_count, columns
+    return new_count, buffer_lists
 
 
 def _refusal(p, g) -> str:
@@ -124,22 +124,39 @@ def _on(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _lists(members, params, grads, columns, split):
-    """TensorLists (params, grads, *buffers) of about CHUNK elements each.
+class _Chunk(NamedTuple):
+    """Tensors of about CHUNK elements in all, stepped as one array each."""
+
+    params: TensorList
+    grads: TensorList
+    buffers: tuple[TensorList, ...]
+    statistics: TensorList | None  # the rule's statistic per tensor, where given
+
+
+def _chunks(members, params, grads, buffer_lists, statistics, split):
+    """The tensors ``members`` in :class:`_Chunk` s of about CHUNK elements.
 
     With ``split`` (a per-coordinate rule) large contiguous tensors are cut into flat
     views of CHUNK elements; otherwise (a per-tensor norm) tensors stay whole."""
+    given = [] if statistics is None else [statistics]
     rows, size = [], 0
     for i in members:
-        row = [params[i], grads[i], *(column[i] for column in columns)]
+        row = [params[i], grads[i], *(b[i] for b in buffer_lists), *(s[i] for s in given)]
         for piece in _pieces(row, split):
             rows.append(piece)
             size += piece[0].numel()
             if size >= CHUNK:
-                yield [TensorList(t) for t in zip(*rows)]
+                yield _chunk(rows, len(buffer_lists), bool(given))
                 rows, size = [], 0
     if rows:
-        yield [TensorList(t) for t in zip(*rows)]
+        yield _chunk(rows, len(buffer_lists), bool(given))
+
+
+def _chunk(rows, n_buffers, with_statistics) -> _Chunk:
+    """The rows (param, grad, buffers..., statistic) as one :class:`_Chunk`."""
+    columns = [TensorList(t) for t in zip(*rows)]
+    return _Chunk(columns[0], columns[1], tuple(columns[2:2 + n_buffers]),
+                  columns[-1] if with_statistics else None)
 
 
 def _pieces(row: list[Any], split: bool):

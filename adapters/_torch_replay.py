@@ -38,6 +38,7 @@ from ._torch_sharded import mesh_of
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _ADDRESS = torch.Tensor.data_ptr
+_SHAPE = operator.attrgetter("shape")
 
 
 _WRITES = ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update",
@@ -111,6 +112,7 @@ class Replay(NamedTuple):
     rule: Any
     params: list
     param_addresses: list[int]
+    shapes: list  # the params' (and their gradients') shapes: the state's
     grad_dtypes: list
     state: TrackedState
     version: int
@@ -119,27 +121,29 @@ class Replay(NamedTuple):
     storages: list  # the state's storages, kept alive
 
     @classmethod
-    def prepare(cls, rule, params, grads, columns, count, state: TrackedState) -> "Replay | None":
+    def prepare(cls, rule, params, grads, buffer_lists, count,
+                state: TrackedState) -> "Replay | None":
         """After a full kernel step of a whole group whose tensors share one count and
         live on the CPU: the replay of it, or None where the kernel did not take them all."""
         tensor_rule = rule.tensor_rule
         if not isinstance(state, TrackedState) or _cpu_kernel.unavailable_reason() is not None:
             return None
-        element, per_tensor = _cpu_kernel.split_buffers(tensor_rule, columns)
+        element, per_tensor = _cpu_kernel.split_buffers(tensor_rule, buffer_lists)
         if any(mesh_of(t) is not None or t.device.type != "cpu" or not t.is_contiguous()
-               for t in (*params, *(c[i] for c in element for i in range(len(params))))):
+               for t in (*params, *(b[i] for b in element for i in range(len(params))))):
             return None
         launches = []
-        for members, dtype in _cpu_kernel.same_dtypes(xp, tensor_rule, params, grads, columns):
+        for members, dtype in _cpu_kernel.same_dtypes(xp, tensor_rule, params, grads,
+                                                      buffer_lists):
             names = _cpu_kernel.dtype_names(params, grads, element, per_tensor, members[0])
             if not _cpu_kernel.supports(names):
                 return None
-            buffers = [[column[i].data_ptr() for i in members] for column in element + per_tensor]
+            buffers = [[b[i].data_ptr() for i in members] for b in element + per_tensor]
             launches.append(_Launch(members, dtype, names, [params[i].numel() for i in members],
                                     buffers))
-        storages = [b.untyped_storage() for column in columns for b in column]
-        return cls(rule, list(params), list(map(_ADDRESS, params)), list(map(_DTYPE, grads)),
-                   state, state.version, count, launches, storages)
+        storages = [b.untyped_storage() for buffer_list in buffer_lists for b in buffer_list]
+        return cls(rule, list(params), list(map(_ADDRESS, params)), list(map(_SHAPE, params)),
+                   list(map(_DTYPE, grads)), state, state.version, count, launches, storages)
 
     def grads_if_unchanged(self, group: dict, state) -> list | None:
         """The group's gradients if this replay still holds for it, else None."""
@@ -153,7 +157,10 @@ class Replay(NamedTuple):
             if (any(map(operator.is_, grads, repeat(None)))
                     or list(map(_DTYPE, grads)) != self.grad_dtypes
                     or not all(map(torch.Tensor.is_contiguous, grads))
-                    or list(map(_ADDRESS, params)) != self.param_addresses):
+                    or list(map(_ADDRESS, params)) != self.param_addresses
+                    # a parameter given other data (p.data = ...) may reuse the address
+                    or list(map(_SHAPE, params)) != self.shapes
+                    or list(map(_SHAPE, grads)) != self.shapes):
                 return None
         except RuntimeError:  # e.g. a sparse gradient: the full step names it
             return None
@@ -168,10 +175,11 @@ class Replay(NamedTuple):
         new_count = next_count(xp, self.count)
         scalars = []
         for launch in self.launches:
-            c = tensor_rule.scalars(xp, new_count, launch.dtype, hyper)
-            if not _cpu_kernel.buildable(tensor_rule, c, launch.names, decays, maximize):
+            step_scalars = tensor_rule.scalars(xp, new_count, launch.dtype, hyper)
+            if not _cpu_kernel.buildable(tensor_rule, step_scalars, launch.names, decays,
+                                         maximize):
                 return None
-            scalars.append(c)
+            scalars.append(step_scalars)
         return _Ready(self, grads, decays, maximize, new_count, scalars)
 
 

@@ -48,32 +48,32 @@ def path(name: str):
     if name == "reference":
         return plain
 
-    def run(rule: Rule, params, grads, columns, count, hyper):
+    def run(rule: Rule, params, grads, buffer_lists, count, hyper):
         if not isinstance(params[0], DTensor):
-            return plain(rule, params, grads, columns, count, hyper)
-        return _on_local_shards(plain, rule, params, grads, columns, count, hyper)
+            return plain(rule, params, grads, buffer_lists, count, hyper)
+        return _on_local_shards(plain, rule, params, grads, buffer_lists, count, hyper)
 
     return run
 
 
-def _on_local_shards(plain, rule, params, grads, columns, count, hyper):
+def _on_local_shards(plain, rule, params, grads, buffer_lists, count, hyper):
     options = {}
     if rule.tensor_rule.statistic is not None:
-        options["statistics"] = _statistics(rule, params, grads, columns)
-    new_count, _ = plain(rule, _local(params), _local(grads), [_local(c) for c in columns],
+        options["statistics"] = _statistics(rule, params, grads, buffer_lists)
+    new_count, _ = plain(rule, _local(params), _local(grads), [_local(c) for c in buffer_lists],
                          count, hyper, **options)
-    return new_count, columns  # written in place, through the local shards
+    return new_count, buffer_lists  # written in place, through the local shards
 
 
 def _local(tensors):
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
-def _statistics(rule, params, grads, columns):
+def _statistics(rule, params, grads, buffer_lists):
     """The rule's statistic of each whole logical gradient, as plain 0-d tensors (the
     same value on every process), in each tensor's compute dtype."""
     dtypes = [rule.tensor_rule.compute_dtype(xp, g.dtype, b.dtype, p.dtype)
-              for p, g, b in zip(params, grads, columns[0])]
+              for p, g, b in zip(params, grads, buffer_lists[0])]
     values = rule.tensor_rule.statistics(xp, list(zip(grads, dtypes)))
     # full_tensor(): the value of the whole logical tensor, whatever placement the
     # combined reduction was left in (already replicated: no communication).

@@ -328,7 +328,7 @@ def load(source: str):
 
 # --- the torch optimizers' kernel path on CUDA --------------------------------------------
 
-def torch_step(rule, params, grads, columns, count, hyper, statistics, strict, fallback):
+def torch_step(rule, params, grads, buffer_lists, count, hyper, statistics, strict, fallback):
     """The kernel path of :mod:`._torch_paths` for a batch on one CUDA device (or CPU
     tensors under :func:`interpreted_on_cpu`): one launch per batch of tensors that
     share their dtypes.  Tensors it does not take (not contiguous, or of other dtypes)
@@ -343,7 +343,7 @@ def torch_step(rule, params, grads, columns, count, hyper, statistics, strict, f
     decays = tensor_rule.decays(hyper)
     new_count = next_count(xp, count)
     device = params[0].device
-    element, _ = _cpu_kernel.split_buffers(tensor_rule, columns)
+    element, _ = _cpu_kernel.split_buffers(tensor_rule, buffer_lists)
     reason = unavailable_reason(device)
     if reason is not None and device.type == "cuda":
         _cpu_kernel._warn_once(reason)
@@ -352,7 +352,7 @@ def torch_step(rule, params, grads, columns, count, hyper, statistics, strict, f
         return reason is None and all(t.is_contiguous() and t.device == device for t in
                                       (params[i], grads[i], *(c[i] for c in element)))
 
-    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, columns, new_count,
+    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, buffer_lists, new_count,
                                       hyper, decays, takes, build=KERNELS.buildable)
     if strict and rest:
         p = params[rest[0]]
@@ -363,18 +363,19 @@ def torch_step(rule, params, grads, columns, count, hyper, statistics, strict, f
                            "fall back to the multi-tensor path")
 
     def compiled_of(batch):
-        return KERNELS.compiled(tensor_rule, _elementwise.describe(batch.c), batch.names, decays)
+        return KERNELS.compiled(tensor_rule, _elementwise.describe(batch.step_scalars),
+                                batch.names, decays)
 
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for fn, launch in _gpu_kernel.launches(xp, tensor_rule, launches, params, grads,
-                                               columns, torch.Tensor.data_ptr,
+                                               buffer_lists, torch.Tensor.data_ptr,
                                                torch.Tensor.numel, compiled_of, statistics):
             _run(fn, launch, device)
     if rest:
         fallback(rule, [params[i] for i in rest], [grads[i] for i in rest],
-                 [[column[i] for i in rest] for column in columns], count, hyper,
+                 [[buffer_list[i] for i in rest] for buffer_list in buffer_lists], count, hyper,
                  None if statistics is None else [statistics[i] for i in rest])
-    return new_count, columns
+    return new_count, buffer_lists
 
 
 def _run(fn, launch: _gpu_kernel.Launch, device) -> None:

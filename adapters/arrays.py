@@ -315,24 +315,24 @@ def _numpy_kernel_step(rule: Rule, state: Any, params: tuple, grads: list, hyper
         return None
     tensor_rule = rule.tensor_rule
     decays = tensor_rule.decays(hyper)
-    columns = list(state[1:])
+    buffer_lists = list(state[1:])
     new_count = next_count(xp, state.count)
     # A NumPy scalar (np.float32(0.5)) is taken as a 0-d gradient; its data pointer would
     # be a temporary's: hold it as an array.
     grads = [np.asarray(g) for g in grads]
-    element, _ = _cpu_kernel.split_buffers(tensor_rule, columns)
+    element, _ = _cpu_kernel.split_buffers(tensor_rule, buffer_lists)
 
     def takes(i):
-        arrays = (params[i], grads[i], *(column[i] for column in element))
+        arrays = (params[i], grads[i], *(buffer_list[i] for buffer_list in element))
         return all(a.flags.c_contiguous for a in arrays)
 
-    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, columns, new_count,
+    launches, rest = _cpu_kernel.plan(xp, tensor_rule, params, grads, buffer_lists, new_count,
                                       hyper, decays, takes)
     if rest:
         return None
-    _cpu_kernel.run(xp, tensor_rule, launches, params, grads, columns, decays,
+    _cpu_kernel.run(xp, tensor_rule, launches, params, grads, buffer_lists, decays,
                     _address, _size)
-    return type(state)(new_count, *columns)
+    return type(state)(new_count, *buffer_lists)
 
 
 def _address(a: np.ndarray) -> int:
@@ -424,13 +424,14 @@ def _checked_state(label: str, saved: Any, current: Any) -> Any:
     _check_keys(label, saved, current._fields)
     fields = {"count": _checked_count(f"{label}.count", saved["count"], current.count)}
     for name in current._fields[1:]:
-        column, now = saved[name], getattr(current, name)
-        if not isinstance(column, (list, tuple)) or len(column) != len(now):
-            held = len(column) if isinstance(column, (list, tuple)) else type(column).__name__
+        buffer_list, now = saved[name], getattr(current, name)
+        if not isinstance(buffer_list, (list, tuple)) or len(buffer_list) != len(now):
+            held = (len(buffer_list) if isinstance(buffer_list, (list, tuple))
+                    else type(buffer_list).__name__)
             raise ValueError(f"{label}.{name} holds {held} arrays but this one has {len(now)} "
                              "(one per param): the state was saved for other parameters")
         fields[name] = tuple(_checked_array(f"{label}.{name}[{i}]", a, b)
-                             for i, (a, b) in enumerate(zip(column, now)))
+                             for i, (a, b) in enumerate(zip(buffer_list, now)))
     return type(current)(**fields)
 
 

@@ -104,8 +104,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         self._buffers = [[] for _ in names]
         for variable in variables:
             state = self.rule.init([_core_array(variable)], state_dtype=self.state_dtype)
-            for column, buffer_name in zip(self._buffers, names):
-                column.append(self._state_variable(variable, buffer_name,
+            for buffer_list, buffer_name in zip(self._buffers, names):
+                buffer_list.append(self._state_variable(variable, buffer_name,
                                                    getattr(state, buffer_name)[0]))
 
     def _state_variable(self, variable, buffer_name: str, like: Any):
@@ -149,13 +149,14 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         ``(assign, variable, value)`` (``p += update``, then each buffer)."""
         indices = [self._get_variable_index(v) for v in variables]
         state = self.rule.state_type(count, *(
-            tuple(_core_array(column[i]) for i in indices) for column in self._buffers))
+            tuple(_core_array(buffer_list[i]) for i in indices) for buffer_list in self._buffers))
         params = [_core_array(v) for v in variables]
         hyper = {**self._hyper, "weight_decay": weight_decay}
         updates, new = self.rule.update(state, grads, params, lr=rate, **hyper)
         out = [(self.assign_add, v, u) for v, u in zip(variables, updates)]
-        for column, new_column in zip(self._buffers, new[1:]):
-            out += [(self.assign, column[i], value) for i, value in zip(indices, new_column)]
+        for buffer_list, new_buffer_list in zip(self._buffers, new[1:]):
+            out += [(self.assign, buffer_list[i], value)
+                    for i, value in zip(indices, new_buffer_list)]
         return out
 
     def get_config(self) -> dict:

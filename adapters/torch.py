@@ -56,15 +56,24 @@ SKIPPED = "skipped_steps"  # a group's count of steps skipped for non-finite gra
 STEP = "step"
 
 
+class _Batch(NamedTuple):
+    """Parameters that share a step count and a device, stepped together."""
+
+    params: list
+    grads: list
+    buffer_lists: list  # per state buffer, one tensor per parameter
+    count: Any
+
+
 class _Plan(NamedTuple):
-    """A group's checked step: hyperparameters, GAN's new state, the first state of new
-    parameters, and the batches (params, grads, buffer columns, count) to run; or, for
-    a step skipped for non-finite gradients, ``skipped``."""
+    """A group's checked step: hyperparameters, GAN's new state, the first state of the
+    parameters that have none yet (by ``id``), and the batches to run; or, for a step
+    skipped for non-finite gradients, ``skipped``."""
 
     hyper: dict
     gan_state: Any = None
-    fresh: dict = {}
-    batches: list = []
+    first_states: dict = {}
+    batches: list[_Batch] = []
     skipped: bool = False
 
 
@@ -193,23 +202,23 @@ class RuleOptimizer(torch.optim.Optimizer):
         gan_state = None
         if gan_options(group["gan"]) is not None:
             grads, gan_state = self._gan(group, params, grads)
-        fresh = self._fresh_state(group, params)
-        state_of = {id(p): self.state[p] or fresh[id(p)] for p in params}
-        unchecked = self._adopt_unchecked_state([p for p in params if id(p) not in fresh],
-                                                state_of) | set(fresh)
+        first_states = self._first_states(group, params)
+        state_of = {id(p): self.state[p] or first_states[id(p)] for p in params}
+        unchecked = self._adopt_unchecked_state(
+            [p for p in params if id(p) not in first_states], state_of) | set(first_states)
         grad_of = dict(zip(map(id, params), grads))
         batches = []
         for batch in _split_by(params, lambda p: (id(state_of[id(p)][STEP]), p.device,
                                                   _torch_sharded.mesh_of(p))):
-            columns = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
+            buffer_lists = [[state_of[id(p)][name] for p in batch] for name in self._buffer_names()]
             count = state_of[id(batch[0])][STEP]
             batch_grads = [grad_of[id(p)] for p in batch]
             _check_hyperparameter_devices(hyper, batch[0])
             if any(id(p) in unchecked for p in batch):
-                state = self.rule.state_type(count, *(tuple(column) for column in columns))
+                state = self.rule.state_type(count, *(tuple(b) for b in buffer_lists))
                 self.rule.tensor_rule.checked_call(state, batch_grads, batch, hyper)
-            batches.append((batch, batch_grads, columns, count))
-        return _Plan(hyper, gan_state, fresh, batches)
+            batches.append(_Batch(batch, batch_grads, buffer_lists, count))
+        return _Plan(hyper, gan_state, first_states, batches)
 
     def _refuse_unwritable(self, p: torch.Tensor) -> None:
         """Raise for a parameter that an in-place update would refuse halfway through the
@@ -269,9 +278,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._replays.pop(id(group), None)
         if len(plan.batches) != 1 or not self._replayable(group):
             return
-        params, grads, columns, count = plan.batches[0]
+        params, grads, buffer_lists, count = plan.batches[0]
         if len(params) == len(group["params"]):
-            replay = Replay.prepare(self.rule, params, grads, columns, self.state[params[0]][STEP],
+            replay = Replay.prepare(self.rule, params, grads, buffer_lists,
+                                    self.state[params[0]][STEP],
                                     self.state)
             if replay is not None:
                 self._replays[id(group)] = replay
@@ -286,21 +296,21 @@ class RuleOptimizer(torch.optim.Optimizer):
         if plan.gan_state is not None:
             group["gan_state"] = (plan.gan_state.count, plan.gan_state.extra)
         for p in group["params"]:
-            if id(p) in plan.fresh:
-                self.state[p].update(plan.fresh[id(p)])
+            if id(p) in plan.first_states:
+                self.state[p].update(plan.first_states[id(p)])
         run = _torch_sharded.path(self.path_of(group))
         names = self._buffer_names()
-        for batch, grads, columns, count in plan.batches:
-            count, columns = run(self.rule, batch, grads, columns, count, plan.hyper)
+        for batch, grads, buffer_lists, count in plan.batches:
+            count, buffer_lists = run(self.rule, batch, grads, buffer_lists, count, plan.hyper)
             for i, p in enumerate(batch):
                 self.state[p][STEP] = count
-                for name, column in zip(names, columns):
-                    self.state[p][name] = column[i]
-            self._checked.update((id(p), weakref.ref(count)) for p in batch)
+                for name, buffer_list in zip(names, buffer_lists):
+                    self.state[p][name] = buffer_list[i]
+            self._checked_counts.update((id(p), weakref.ref(count)) for p in batch)
         self._prepare_replay(group, plan)
 
     @property
-    def _checked(self) -> dict:
+    def _checked_counts(self) -> dict:
         """The parameters whose state and gradients the rule has checked, by ``id``, each
         with a weak reference to the count it was checked with.  The state is then ours
         (made by the rule, or checked when loaded), and torch itself keeps a ``.grad`` of
@@ -325,7 +335,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         counts: dict[tuple, torch.Tensor] = {}
         keys: dict[int, tuple] = {}  # by id of a count: one read (a sync on a GPU) each
         unchecked = set()
-        shaped, checked = self._shaped_buffer, self._checked
+        shaped, checked = self._shaped_buffer, self._checked_counts
         for p in params:
             state = state_of[id(p)]
             ref = checked.get(id(p))
@@ -376,16 +386,16 @@ class RuleOptimizer(torch.optim.Optimizer):
         scalar = self.rule.tensor_rule.scalar_buffers
         return next(name for name in self._buffer_names() if name not in scalar)
 
-    def _fresh_state(self, group, params) -> dict[int, dict]:
+    def _first_states(self, group, params) -> dict[int, dict]:
         """Zero state for the parameters stepped for the first time, one count per
         device, by ``id`` of the parameter (not stored yet)."""
-        fresh = {}
+        first = {}
         for batch in _split_by([p for p in params if not self.state[p]], lambda p: p.device):
             state = self.rule.init(batch, state_dtype=group["state_dtype"])
             for i, p in enumerate(batch):
-                fresh[id(p)] = {STEP: state.count, **{
+                first[id(p)] = {STEP: state.count, **{
                     name: getattr(state, name)[i] for name in self._buffer_names()}}
-        return fresh
+        return first
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict``, with a ``step`` tensor of its own per
@@ -417,7 +427,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         counts = {saved_id: self._checked_saved_state(saved_id, p, saved_state.get(saved_id))
                   for saved_id, p in pairs}
-        self._checked.clear()
+        self._checked_counts.clear()
         with torch.inference_mode(False):  # copies that later steps can update in place
             super().load_state_dict(state_dict)
             self._restore_saved_tensors(pairs, state_dict["state"], counts)

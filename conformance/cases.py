@@ -12,7 +12,11 @@ from typing import NamedTuple
 import mvn_core
 
 LR_FACTOR = 10  # the checked learning rate over the rule's default
-RULES = tuple(mvn_core.rules)
+
+
+def rule_names() -> tuple[str, ...]:
+    """The registered rules' names (those of ``mvn-core check --rules-from`` included)."""
+    return tuple(mvn_core.rules)
 
 
 def settings(rule: mvn_core.Rule) -> tuple:
@@ -35,9 +39,9 @@ class Case(NamedTuple):
 
 def cases(rules=None) -> list[Case]:
     """Every setting of every rule (or of ``rules``), in the registry's order."""
-    unknown = sorted(set(rules or ()) - set(RULES))
+    unknown = sorted(set(rules or ()) - set(rule_names()))
     if unknown:
-        raise ValueError(f"unknown rules {unknown}; known: {', '.join(RULES)}")
+        raise ValueError(f"unknown rules {unknown}; known: {', '.join(rule_names())}")
     return [_case(rule, setting) for rule in mvn_core.rules.values()
             if rules is None or rule.name in rules for setting in settings(rule)]
 

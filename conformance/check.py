@@ -25,7 +25,7 @@ from mvn_core import backends
 from mvn_core.backends import generic
 
 from . import peers as peer_checks
-from .cases import RULES, Case, cases
+from .cases import Case, cases, rule_names
 from .comparison import Comparison, compare, reference_bounds, relative_difference
 from .paths import PATHS, Path, as_float64
 from .references import (FOLDER, SEED, STEPS, Goldens, Reference, check_problem,
@@ -62,7 +62,8 @@ class Selection:
     every_path: bool = False  # also the paths left out by default (slow to compile)
 
     def __post_init__(self) -> None:
-        for name, known in (("rules", RULES), ("backends", backends.NAMES), ("dtypes", DTYPES),
+        for name, known in (("rules", rule_names()), ("backends", backends.NAMES),
+                            ("dtypes", DTYPES),
                             ("paths", tuple(PATHS))):
             unknown = sorted(set(getattr(self, name) or ()) - set(known))
             if unknown:
@@ -194,7 +195,7 @@ def plan(selection: Selection) -> tuple[list[Cell], list[Skipped]]:
                     for p in applicable if reasons[p.name]]
         runnable[target] = [p for p in applicable if not reasons[p.name]]
     cells = [Cell(rule, target.label, _device(target), dtype, path.name, target=target)
-             for rule in selection.rules or RULES for target in targets
+             for rule in selection.rules or rule_names() for target in targets
              for dtype in target.dtypes for path in runnable[target] if path.takes(rule)]
     return cells, skipped
 
@@ -323,8 +324,9 @@ def _run_case(cell: Cell, case: Case, source: _ReferenceSource, pure_runs: dict)
 
 def _ieee_run(case: Case, cell: Cell, problem, pure_runs: dict, compiled: bool = False) -> list:
     """The rule in IEEE arithmetic on the cell's backend (a transform, which no kernel
-    runs, is its pure run, compiled where ``compiled``), computed once per case, backend, device and dtype (and
-    ``compiled``: from the step's scalars as the backend's compile hook computes them)."""
+    runs, is its pure run, compiled where ``compiled``), computed once per case, backend,
+    device and dtype (and ``compiled``: from the step's scalars as the backend's compile
+    hook computes them)."""
     key = ("ieee", case.id, cell.backend, cell.device, cell.dtype, compiled)
     if key not in pure_runs:
         if mvn_core.rules[case.rule].tensor_rule is None:

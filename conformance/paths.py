@@ -118,7 +118,7 @@ def run_torch_adapter(rule_name, backend, device, dtype, problem, *, options=Non
     def make(params):
         if transform:
             return adapter.SGD(params, lr=1.0, gan=dict(hyper), **options)
-        cls = adapter.OPTIMIZERS[rule_name]
+        cls = adapter.optimizer_class(rule_name)
         return cls(params, **torch_arguments(cls, hyper), **options)
 
     def step(optimizer, params, grads):
@@ -152,7 +152,7 @@ def run_arrays_adapter(rule_name, backend, device, dtype, problem, fused=False, 
     def make(params):
         if transform:
             return adapter.SGD(params, lr=1.0, gan=dict(hyper))
-        return adapter.OPTIMIZERS[rule_name](params, fused=fused, **hyper)
+        return adapter.optimizer_class(rule_name)(params, fused=fused, **hyper)
 
     def step(optimizer, params, grads):
         optimizer.step(grads)

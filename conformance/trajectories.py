@@ -75,7 +75,7 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
         """Per tensor, the step's scalars that are arrays; the statistics."""
         statistics = tensor_rule.statistics(xp, list(zip(grads, dtypes)))
         scalars = [tensor_rule.scalars(xp, count, d, hyper) for d in dtypes]
-        return [{k: v for k, v in vars(c).items() if _is_array(v)} for c in scalars], statistics
+        return [{k: v for k, v in vars(s).items() if _is_array(v)} for s in scalars], statistics
 
     computed = lib.compile(step_inputs) if compiled else step_inputs
     count = state.count
@@ -87,14 +87,14 @@ def ieee_trajectory(rule_name, backend, problem, *, dtype="float64", device=None
         count = count + 1
         arrays, statistics = computed(count, grads)
         for i, g in enumerate(grads):
-            c = tensor_rule.scalars(xp, count, dtypes[i], hyper)
-            c = type(c)(**{k: _host(lib, arrays[i][k]) if k in arrays[i] else v
-                           for k, v in vars(c).items()})
+            on_device = tensor_rule.scalars(xp, count, dtypes[i], hyper)
+            step_scalars = type(on_device)(**{k: _host(lib, arrays[i][k]) if k in arrays[i] else v
+                                              for k, v in vars(on_device).items()})
             stat = None if statistics[i] is None else _host(lib, statistics[i])
             old = tuple(column[i] for column in columns)
             p = host[i]
-            update, new = tensor_rule.step_tensor(npx, c, _host(lib, g), p if decays else None,
-                                                  old, p.dtype, stat)
+            update, new = tensor_rule.step_tensor(npx, step_scalars, _host(lib, g),
+                                                  p if decays else None, old, p.dtype, stat)
             host[i] = npx.asarray(p + npx.astype(update, p.dtype))
             for column, value in zip(columns, new):
                 column[i] = npx.asarray(value)

@@ -197,13 +197,13 @@ def one_minus_power(xp: Any, base: Any, t: Any) -> Any:
     return -xp.expm1(t * log_base)
 
 
-def bias_corrections(xp: Any, c: Any) -> dict:
+def bias_corrections(xp: Any, step: Any) -> dict:
     """``bc1 = 1 - b1^t`` and ``bc2 = 1 - b2^t``, the constants of most Adam-type rules,
     and their reciprocals ``inv_bc1``, ``inv_bc2``.  The rules multiply by the
     reciprocals: a division per element costs several multiplications on every
     processor, and the bias corrections are scalars, inverted once per step (one more
     rounding, within a unit in the last place)."""
-    bc1, bc2 = one_minus_power(xp, c.b1, c.t), one_minus_power(xp, c.b2, c.t)
+    bc1, bc2 = one_minus_power(xp, step.b1, step.t), one_minus_power(xp, step.b2, step.t)
     return {"bc1": bc1, "bc2": bc2, "inv_bc1": 1 / bc1, "inv_bc2": 1 / bc2}
 
 
@@ -216,10 +216,10 @@ def guard(xp: Any, dtype: Any, value: float) -> float:
 class TensorRule:
     """A rule computed tensor by tensor from ``direction`` and ``constants``.
 
-    ``direction(xp, g, p, buffers, c) -> (d, new_buffers)`` computes one tensor's step
-    direction (the update is ``-lr * d``, plus decoupled weight decay); ``c`` holds the
-    hyperparameters cast to the compute dtype, the step ``c.t`` and what
-    ``constants(xp, c)`` adds.  ``p`` is the parameter when weight decay is on, else None.
+    ``direction(xp, g, p, buffers, step) -> (d, new_buffers)`` computes one tensor's step
+    direction (the update is ``-lr * d``, plus decoupled weight decay); ``step`` holds the
+    hyperparameters cast to the compute dtype, the step ``step.t`` and what
+    ``constants(xp, step)`` adds.  ``p`` is the parameter when weight decay is on, else None.
 
     A rule whose direction needs a reduction of the whole tensor (NovoGrad's squared
     norm) names it ``statistic(xp, g)``; ``direction`` then takes its value as a sixth
@@ -296,15 +296,15 @@ class TensorRule:
             if dtype not in scalars:
                 scalars[dtype] = self.scalars(xp, count, dtype, hyper)
             tensors.append((g, p, old, scalars[dtype]))
-        statistics = self.statistics(xp, [(g, c.t.dtype) for g, _, _, c in tensors])
-        updates, columns = [], [[] for _ in self.buffer_names]
-        for (g, p, old, c), statistic in zip(tensors, statistics):
-            update, new = self.step_tensor(xp, c, g, p if decayed else None, old,
+        statistics = self.statistics(xp, [(g, step.t.dtype) for g, _, _, step in tensors])
+        updates, buffer_lists = [], [[] for _ in self.buffer_names]
+        for (g, p, old, step), statistic in zip(tensors, statistics):
+            update, new = self.step_tensor(xp, step, g, p if decayed else None, old,
                                            g.dtype if p is None else p.dtype, statistic)
             updates.append(as_array(xp, update))
-            for column, b in zip(columns, new):
-                column.append(as_array(xp, b))
-        new_state = self.state_type(count, *(tuple(column) for column in columns))
+            for buffer_list, b in zip(buffer_lists, new):
+                buffer_list.append(as_array(xp, b))
+        new_state = self.state_type(count, *(tuple(buffer_list) for buffer_list in buffer_lists))
         return call.rebuild(updates), new_state
 
     compute_dtype = staticmethod(compute_dtype)  # for fast paths: one rule of promotion
@@ -342,30 +342,30 @@ class TensorRule:
         values.update(self.constants(xp, SimpleNamespace(**values)))
         return SimpleNamespace(**values)
 
-    def step_tensor(self, xp: Any, c: SimpleNamespace, g: Any, p: Any, old: tuple,
+    def step_tensor(self, xp: Any, step: SimpleNamespace, g: Any, p: Any, old: tuple,
                     out_dtype: Any, statistic: Any = None) -> tuple[Any, tuple]:
         """One tensor's update (in ``out_dtype``) and new buffers (in their old dtypes),
-        computed in the dtype of ``c``.  ``p`` is the parameter if weight decay is on,
+        computed in the dtype of ``step``.  ``p`` is the parameter if weight decay is on,
         else None.  Fast paths call this with other layouts of the same numbers.
 
         For a rule with a ``statistic``, its value is computed here unless given (the
         gradient's, in the compute dtype, before any weight decay)."""
-        dtype = c.t.dtype
+        dtype = step.t.dtype
         g = xp.astype(g, dtype, copy=False)
         extra = ()
         if self.statistic is not None:
             extra = (self.statistic(xp, g) if statistic is None else statistic,)
         if p is not None:
             p = xp.astype(p, dtype, copy=False)
-            if c.coupled:
-                g = g + c.weight_decay * p
+            if step.coupled:
+                g = g + step.weight_decay * p
         buffers = tuple(xp.astype(b, dtype, copy=False) for b in old)
-        d, new = self.direction(xp, g, p, buffers, c, *extra)
-        if p is not None and not c.coupled and not self.decay_inside:
-            d = d + c.weight_decay * p
+        d, new = self.direction(xp, g, p, buffers, step, *extra)
+        if p is not None and not step.coupled and not self.decay_inside:
+            d = d + step.weight_decay * p
         new = tuple(xp.astype(b, b_old.dtype, copy=False) for b, b_old in zip(new, old))
         # (-lr) * d is -(lr * d) exactly (rounding is symmetric in sign), one operation less
-        return xp.astype((-c.lr) * d, out_dtype, copy=False), new
+        return xp.astype((-step.lr) * d, out_dtype, copy=False), new
 
     def _check_buffers(self, call: Call, state: Any) -> None:
         n = len(call.grads)

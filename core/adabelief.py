@@ -8,17 +8,17 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _constants(xp, c):
-    out = bias_corrections(xp, c)
-    if c.rectify:
-        out.update(_rectification(xp, c, out["bc1"], out["bc2"]))
+def _constants(xp, step):
+    out = bias_corrections(xp, step)
+    if step.rectify:
+        out.update(_rectification(xp, step, out["bc1"], out["bc2"]))
     return out
 
 
-def _rectification(xp, c, bc1, bc2):
+def _rectification(xp, step, bc1, bc2):
     """RAdam's variance rectification, as in the official ``adabelief-pytorch``."""
-    rho_inf = 2 / (1 - c.b2) - 1
-    rho = rho_inf - 2 * c.t * (1 - bc2) / bc2
+    rho_inf = 2 / (1 - step.b2) - 1
+    rho = rho_inf - 2 * step.t * (1 - bc2) / bc2
     rectified = rho >= 5
 
     def where_rectified(x):  # elsewhere the ratio is unused: keep it finite there
@@ -34,15 +34,15 @@ def _rectification(xp, c, bc1, bc2):
     return {"rectified": rectified, "rect_scale": scale}
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     m, s = buffers
-    m = c.b1 * m + (1 - c.b1) * g
+    m = step.b1 * m + (1 - step.b1) * g
     r = g - m
-    s = c.b2 * s + (1 - c.b2) * (r * r) + c.eps
-    if not c.rectify:
-        return (m * c.inv_bc1) / (xp.sqrt(s * c.inv_bc2) + c.eps), (m, s)
-    rectified = c.rect_scale * m / (xp.sqrt(s) + c.eps)
-    return xp.where(c.rectified, rectified, m * c.inv_bc1), (m, s)
+    s = step.b2 * s + (1 - step.b2) * (r * r) + step.eps
+    if not step.rectify:
+        return (m * step.inv_bc1) / (xp.sqrt(s * step.inv_bc2) + step.eps), (m, s)
+    rectified = step.rect_scale * m / (xp.sqrt(s) + step.eps)
+    return xp.where(step.rectified, rectified, m * step.inv_bc1), (m, s)
 
 
 ADABELIEF = define_rule(

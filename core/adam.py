@@ -8,16 +8,16 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _constants(xp, c):
-    corrections = bias_corrections(xp, c)
+def _constants(xp, step):
+    corrections = bias_corrections(xp, step)
     return {"inv_bc1": corrections["inv_bc1"], "inv_sqrt_bc2": 1 / xp.sqrt(corrections["bc2"])}
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     m, v = buffers
-    m = c.b1 * m + (1 - c.b1) * g
-    v = c.b2 * v + (1 - c.b2) * (g * g)
-    return (m * c.inv_bc1) / (xp.sqrt(v) * c.inv_sqrt_bc2 + c.eps), (m, v)
+    m = step.b1 * m + (1 - step.b1) * g
+    v = step.b2 * v + (1 - step.b2) * (g * g)
+    return (m * step.inv_bc1) / (xp.sqrt(v) * step.inv_sqrt_bc2 + step.eps), (m, v)
 
 
 ADAM = define_rule(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
 
+import mvn_core
 from mvn_core import backends
 
-from mvn_core.conformance.cases import RULES
+from mvn_core.conformance.cases import rule_names
 from mvn_core.conformance.paths import PATHS
 from mvn_core.conformance.references import FOLDER, STEPS
 
@@ -105,7 +108,13 @@ def _add_check_parser(commands) -> None:
                     "rounding bound of mvn_core.conformance.tolerance. Exit status 1 if "
                     "anything fails.")
     lists = "comma-separated; default: all"
-    check.add_argument("--rules", help=f"rules to check: {', '.join(RULES)} ({lists})")
+    check.add_argument("--rules", help=f"rules to check: {', '.join(rule_names())} ({lists})")
+    check.add_argument("--rules-from", metavar="MODULE", action="append", default=[],
+                       help="also check the rules defined in MODULE (importable from here, "
+                            "e.g. examples.custom_rule) with mvn_core.define_rule, against the "
+                            "float64 references it gives in ORACLE (rule name -> "
+                            "mvn_core.conformance.oracle.Entry); without --rules, only "
+                            "those rules are checked (repeatable)")
     check.add_argument("--backends", help=f"backends to check: {', '.join(backends.NAMES)} "
                                           f"({lists} that are installed)")
     check.add_argument("--devices", help=f"device names as the table shows them ({lists})")
@@ -136,15 +145,52 @@ def _add_check_parser(commands) -> None:
 
 
 def _check(parser, args) -> int:
-    from mvn_core.conformance.check import Selection, run_check
-    from mvn_core.conformance.references import GoldenError
-    from mvn_core.conformance.report import as_json, markdown, text_lines
+    from mvn_core import registry
+    from mvn_core.conformance import oracle
 
     if args.json == "-" and args.markdown == "-":
         parser.error("only one of --json and --markdown can go to stdout")
     try:
+        extra_rules, entries = _rules_from(args.rules_from)
+    except (ImportError, TypeError, ValueError) as error:
+        parser.error(f"--rules-from: {error}")
+    with registry.including(extra_rules), oracle.including(entries):
+        return _run_check(parser, args, tuple(r.name for r in extra_rules))
+
+
+def _rules_from(modules: list[str]) -> tuple[list, dict]:
+    """The rules (:class:`mvn_core.Rule`) at the top level of each module, and their
+    oracle entries from its ``ORACLE`` mapping, each rule with one."""
+    from mvn_core.conformance.oracle import Entry
+
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``python -m`` would find the module
+    found, entries = [], {}
+    for name in modules:
+        module = importlib.import_module(name)
+        rules = [v for v in vars(module).values() if isinstance(v, mvn_core.Rule)]
+        oracle_entries = getattr(module, "ORACLE", {})
+        if not rules:
+            raise ValueError(f"{name} defines no rule (mvn_core.define_rule at its top level)")
+        for rule in rules:
+            entry = oracle_entries.get(rule.name)
+            if not isinstance(entry, Entry):
+                raise TypeError(f"{name}.ORACLE[{rule.name!r}] must be the rule's float64 "
+                                "reference, a mvn_core.conformance.oracle.Entry; it is "
+                                f"{type(entry).__name__}")
+            entries[rule.name] = entry
+        found += rules
+    return found, entries
+
+
+def _run_check(parser, args, extra_rules: tuple[str, ...]) -> int:
+    from mvn_core.conformance.check import Selection, run_check
+    from mvn_core.conformance.references import GoldenError
+    from mvn_core.conformance.report import as_json, markdown, text_lines
+
+    try:
         selection = Selection(
-            rules=_names(args.rules), backends=_names(args.backends),
+            rules=_names(args.rules) or extra_rules or None, backends=_names(args.backends),
             devices=_names(args.devices), dtypes=_names(args.dtypes), paths=_names(args.paths),
             namespace=args.namespace, steps=FULL_STEPS if args.full else args.steps,
             reference=args.reference or ("goldens" if args.goldens else "oracle"),

@@ -8,11 +8,11 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     m, v = buffers
-    v = c.b2 * v + (1 - c.b2) * (g * g)
-    m = c.b1 * m + (1 - c.b1) * (g / (xp.sqrt(v * c.inv_bc2) + c.eps))
-    return m * c.inv_bc1, (m, v)
+    v = step.b2 * v + (1 - step.b2) * (g * g)
+    m = step.b1 * m + (1 - step.b1) * (g / (xp.sqrt(v * step.inv_bc2) + step.eps))
+    return m * step.inv_bc1, (m, v)
 
 
 LAPROP = define_rule(

@@ -7,10 +7,10 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     (m,) = buffers
-    d = xp.sign(c.b1 * m + (1 - c.b1) * g)
-    m = c.b2 * m + (1 - c.b2) * g
+    d = xp.sign(step.b1 * m + (1 - step.b1) * g)
+    m = step.b2 * m + (1 - step.b2) * g
     return d, (m,)
 
 
@@ -35,10 +35,12 @@ LION = define_rule(
         update = -lr sign(c) - lr weight_decay theta
         m_t = b2 m + (1 - b2) g
 
-    ``sign(0) = 0``: a coordinate whose ``c`` is exactly zero does not move (but for
+    ``sign(0) = 0``: a coordinate whose ``step`` is exactly zero does not move (but for
     weight decay).  Every coordinate moves by ``lr`` at most, whatever the scale of the
     gradients.  A NaN in ``g`` makes that coordinate's update and state NaN from then on
-    (nothing else); :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
+    (nothing else); an Inf makes its ``m`` infinite, so that it then moves by ``lr``
+    in the same direction at every step (its update stays finite);
+    :func:`mvn_core.skip_if_nonfinite` skips such steps instead.
     """,
 )
 LionState = LION.state_type

@@ -8,24 +8,24 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _constants(xp, c):
-    return {"inv_bc1": 1 / one_minus_power(xp, c.b1, c.t), "first": c.t == 1,
-            "tiny": guard(xp, c.t.dtype, 1e-16),
-            "keep_min": 1 - c.b2_max, "keep_max": 1 - c.b2_min}
+def _constants(xp, step):
+    return {"inv_bc1": 1 / one_minus_power(xp, step.b1, step.t), "first": step.t == 1,
+            "tiny": guard(xp, step.t.dtype, 1e-16),
+            "keep_min": 1 - step.b2_max, "keep_max": 1 - step.b2_min}
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     u, v, w, m = buffers
-    keep = _new_weight(xp, g, u, v, w, c)
+    keep = _new_weight(xp, g, u, v, w, step)
     beta = 1 - keep
     u = beta * u + keep * g
     v = beta * v + keep * (g * g)
     w = beta * w + keep
-    m = c.b1 * m + (1 - c.b1) * g
-    return (m * c.inv_bc1) / (xp.sqrt(v / w) + c.eps), (u, v, w, m)
+    m = step.b1 * m + (1 - step.b1) * g
+    return (m * step.inv_bc1) / (xp.sqrt(v / w) + step.eps), (u, v, w, m)
 
 
-def _new_weight(xp, g, u, v, w, c):
+def _new_weight(xp, g, u, v, w, step):
     """``1 - beta_t`` per coordinate, for the beta_t that maximizes the estimated variance.
 
     The same quantity as docs/algorithms.md's, arranged for rounding: ``1 - beta`` is formed
@@ -40,10 +40,10 @@ def _new_weight(xp, g, u, v, w, c):
     var = xp.clip(v / w_safe - mean * mean, min=0.0)
     d2 = (g - mean) * (g - mean)
     w = xp.clip(w, max=1.0)
-    ratio = (w * (d2 - var) + c.tiny) / (d2 * (1 + w) + var * (1 - w) + c.tiny)
-    keep = xp.clip(ratio, min=c.keep_min, max=c.keep_max)
-    fallback = xp.zeros_like(keep) + c.keep_min
-    return xp.where(c.first | ~xp.isfinite(ratio), fallback, keep)
+    ratio = (w * (d2 - var) + step.tiny) / (d2 * (1 + w) + var * (1 - w) + step.tiny)
+    keep = xp.clip(ratio, min=step.keep_min, max=step.keep_max)
+    fallback = xp.zeros_like(keep) + step.keep_min
+    return xp.where(step.first | ~xp.isfinite(ratio), fallback, keep)
 
 
 def _check_relations(h):

@@ -12,14 +12,14 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     m, v, u = buffers
-    m = c.b1 * m + (1 - c.b1) * g
+    m = step.b1 * m + (1 - step.b1) * g
     r = g - m
-    v = c.b2 * v + (1 - c.b2) * (r * r) + c.eps_s
-    z = g / (xp.sqrt(v * c.inv_bc2) + c.eps)
-    u = c.b1 * u + (1 - c.b1) * z
-    return u * c.inv_bc1, (m, v, u)
+    v = step.b2 * v + (1 - step.b2) * (r * r) + step.eps_s
+    z = g / (xp.sqrt(v * step.inv_bc2) + step.eps)
+    u = step.b1 * u + (1 - step.b1) * z
+    return u * step.inv_bc1, (m, v, u)
 
 
 MVN = define_rule(

@@ -7,23 +7,23 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _constants(xp, c):
-    return {"first": c.t == 1}
+def _constants(xp, step):
+    return {"first": step.t == 1}
 
 
 def _squared_norm(xp, g):
     return xp.sum(g * g)
 
 
-def _direction(xp, g, p, buffers, c, norm2):
+def _direction(xp, g, p, buffers, step, norm2):
     m, v = buffers
-    v = xp.where(c.first, norm2, c.b2 * v + (1 - c.b2) * norm2)
-    x = g / (xp.sqrt(v) + c.eps)
+    v = xp.where(step.first, norm2, step.b2 * v + (1 - step.b2) * norm2)
+    x = g / (xp.sqrt(v) + step.eps)
     if p is not None:
-        x = x + c.weight_decay * p
-    if c.grad_averaging:
-        x = (1 - c.b1) * x
-    m = c.b1 * m + x
+        x = x + step.weight_decay * p
+    if step.grad_averaging:
+        x = (1 - step.b1) * x
+    m = step.b1 * m + x
     return m, (m, v)
 
 

@@ -9,10 +9,11 @@ adding its module.  A rule defined elsewhere (a user's, with
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 from .rule import Rule
 
@@ -30,13 +31,33 @@ def _discovered() -> list[Rule]:
     return sorted(found.values(), key=lambda rule: (rule.order, rule.name))
 
 
-def _registered(found: list[Rule]) -> Mapping[str, Rule]:
+def _registered(found: list[Rule]) -> dict[str, Rule]:
     out: dict[str, Rule] = {}
     for rule in found:
         if rule.name in out:
             raise ValueError(f"two rules are called {rule.name!r}")
         out[rule.name] = rule
-    return MappingProxyType(out)
+    return out
 
 
-rules: Mapping[str, Rule] = _registered(_discovered())
+_RULES: dict[str, Rule] = _registered(_discovered())
+rules: Mapping[str, Rule] = MappingProxyType(_RULES)
+
+
+@contextlib.contextmanager
+def including(extra: Iterable[Rule]) -> Iterator[Mapping[str, Rule]]:
+    """Register ``extra`` rules (a user's, made with :func:`mvn_core.define_rule`) for
+    the duration of the block, after the package's own, so that what enumerates the
+    registry (the conformance check, ``mvn-core check --rules-from``) takes them too.
+    A name that is taken is refused."""
+    extra = list(extra)
+    taken = sorted({r.name for r in extra} & set(_RULES))
+    if taken or len({r.name for r in extra}) != len(extra):
+        raise ValueError(f"rules called {taken or [r.name for r in extra]} are registered "
+                         "already (or named twice): give them other names")
+    _RULES.update((r.name, r) for r in extra)
+    try:
+        yield rules
+    finally:
+        for rule in extra:
+            del _RULES[rule.name]

@@ -12,13 +12,13 @@ conformance suite reads its settings; the built-in rules are declared the same w
     import mvn_core
     from mvn_core import Hyperparameter as H
 
-    def direction(xp, g, p, buffers, c):          # one tensor; c: the step's scalars
+    def direction(xp, g, p, buffers, step):          # one tensor; step: the step's scalars
         (m,) = buffers
-        m = c.b1 * m + (1 - c.b1) * g
-        return m * c.inv_bc1, (m,)                 # update = -lr * direction
+        m = step.b1 * m + (1 - step.b1) * g
+        return m * step.inv_bc1, (m,)                 # update = -lr * direction
 
-    def constants(xp, c):                          # per step, from c.t (the count)
-        return {"inv_bc1": 1 / mvn_core.one_minus_power(xp, c.b1, c.t)}
+    def constants(xp, step):                          # per step, from step.t (the count)
+        return {"inv_bc1": 1 / mvn_core.one_minus_power(xp, step.b1, step.t)}
 
     MOMENTUM = mvn_core.define_rule(
         "momentum", title="Bias-corrected momentum", direction=direction,
@@ -26,10 +26,10 @@ conformance suite reads its settings; the built-in rules are declared the same w
         hyperparameters={"lr": H(1e-2), "b1": H(0.9, "unit"), "weight_decay": H(0.0)},
         reference="(an example)", doc="m_t = b1 m + (1 - b1) g; update = -lr m_t / (1 - b1^t)")
 
-``direction(xp, g, p, buffers, c) -> (d, new_buffers)`` computes in the tensor's
+``direction(xp, g, p, buffers, step) -> (d, new_buffers)`` computes in the tensor's
 compute dtype: ``g`` the gradient, ``p`` the parameter when weight decay is on (else
-None), ``buffers`` the old state buffers, ``c`` the hyperparameters (cast to the
-compute dtype; Python numbers stay numbers), the step ``c.t`` and what ``constants``
+None), ``buffers`` the old state buffers, ``step`` the hyperparameters (cast to the
+compute dtype; Python numbers stay numbers), the step ``step.t`` and what ``constants``
 adds.  The update is ``-lr * d``, plus decoupled weight decay (``-lr * weight_decay *
 theta``) unless the rule declares ``coupled_weight_decay`` (then ``g += weight_decay *
 theta`` when it is on) or ``decay="inside"`` (its direction uses ``p`` itself).  It
@@ -141,8 +141,8 @@ def define_rule(name: str, *, title: str, direction: Callable, buffers: tuple[st
     ``tensor_buffers`` hold one value per tensor instead).  ``hyperparameters`` maps
     each name to a :class:`Hyperparameter`; ``lr`` is required, ``weight_decay`` and
     ``coupled_weight_decay`` (a flag) have the meaning the module's docstring gives.
-    ``constants(xp, c)`` returns the step's scalars computed from ``c`` (e.g. bias
-    corrections from ``c.t``); ``statistic(xp, g)``, a per-tensor reduction (NovoGrad's
+    ``constants(xp, step)`` returns the step's scalars computed from ``step`` (e.g. bias
+    corrections from ``step.t``); ``statistic(xp, g)``, a per-tensor reduction (NovoGrad's
     squared norm) that ``direction`` then takes as a sixth argument; ``decay="inside"``
     when the direction applies weight decay itself; ``check(hyper)`` refuses
     combinations of values (it sees Python numbers and arrays: read only numbers).
@@ -172,7 +172,7 @@ def define_rule(name: str, *, title: str, direction: Callable, buffers: tuple[st
         order=order)
 
 
-def _no_constants(xp: Any, c: Any) -> dict:
+def _no_constants(xp: Any, step: Any) -> dict:
     return {}
 
 
@@ -208,7 +208,7 @@ def _check_declaration(name, direction, buffers, hyperparameters, statistic, ten
         count = arguments
     if count != arguments:
         raise TypeError(f"{where}: direction takes {arguments} arguments (xp, g, p, buffers, "
-                        f"c{', statistic' if statistic is not None else ''}), this one {count}")
+                        f"step{', statistic' if statistic is not None else ''}), this one {count}")
     for label, names in (("betas", betas), ("memories", memories)):
         unknown = [n for n in names if n not in hyperparameters]
         if unknown:

@@ -6,10 +6,10 @@ from .rule import Hyperparameter as H
 from .rule import define_rule
 
 
-def _direction(xp, g, p, buffers, c):
+def _direction(xp, g, p, buffers, step):
     (b,) = buffers
-    b = c.momentum * b + g
-    return (g + c.momentum * b if c.nesterov else b), (b,)
+    b = step.momentum * b + g
+    return (g + step.momentum * b if step.nesterov else b), (b,)
 
 
 def _check_relations(h):

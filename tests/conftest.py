@@ -51,13 +51,31 @@ def pytest_generate_tests(metafunc):
 def assert_ieee_ptx():
     """A check of a GPU kernel's PTX (NVIDIA's assembly): each operation rounds to
     nearest as in IEEE arithmetic, as the CPU's kernels do: no fused multiply-add, no
-    approximate instruction, no flushing of subnormals to zero; and, where the kernel
-    divides and takes square roots (``divides``), the IEEE ones of ``width`` (f32/f64)."""
-    def check(ptx: str, width: str, divides: bool = True) -> set:
+    approximate instruction, no flushing of subnormals to zero; and, where the rule
+    divides or takes square roots (its traced operations say), the IEEE ones of
+    ``width`` (f32/f64)."""
+    def check(ptx: str, width: str, rule_name: str) -> set:
         instructions = set(re.findall(r"(?<![\w.%])([a-z]+(?:\.[a-z0-9]+)+)", ptx))
         assert not {i for i in instructions if i.startswith("fma")}
         assert not {i for i in instructions if ".approx" in i or ".ftz" in i}
-        if divides:
-            assert {f"div.rn.{width}", f"sqrt.rn.{width}"} <= instructions
+        ops = _traced_operations(rule_name)
+        assert {f"{op}.rn.{width}" for op in ("div", "sqrt") if op in ops} <= instructions
         return instructions
     return check
+
+
+def _traced_operations(rule_name: str) -> set:
+    """The operations of the rule's kernel (float32, weight decay on)."""
+    import array_api_compat.numpy as npx
+    import numpy as np
+
+    import mvn_core
+    from mvn_core.adapters import _cpu_kernel, _elementwise
+
+    tensor_rule = mvn_core.rules[rule_name].tensor_rule
+    hyper = tensor_rule.checked_hyperparameters(
+        {**mvn_core.rules[rule_name].defaults, "weight_decay": 0.1})
+    step_scalars = tensor_rule.scalars(npx, npx.asarray(3), np.dtype("float32"), hyper)
+    trace = _cpu_kernel.traced(tensor_rule, _elementwise.describe(step_scalars),
+                               ("float32",) * 4, True)
+    return {node.op for node in trace.nodes}

@@ -117,9 +117,8 @@ def test_the_cuda_kernel_compiles_and_rounds_every_operation_to_nearest(tmp_path
     run = subprocess.run([NVCC, "-ptx", "-arch=sm_90", *_cuda_source.OPTIONS, "-o",
                           str(tmp_path / "kernel.ptx"), str(source)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    # SGD neither divides nor takes a square root
     assert_ieee_ptx((tmp_path / "kernel.ptx").read_text(), "f64" if dtype == "float64" else "f32",
-                    divides=name != "sgd")
+                    name)
 
 
 @needs_cxx

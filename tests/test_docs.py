@@ -186,6 +186,22 @@ def test_the_readme_opens_with_its_two_commands():
     assert block[0] == "```sh"
     commands = [line.split("#")[0].strip() for line in block[1:-1]]
     assert commands == ["make demo", "make test"]
-    assert "## Adding a rule" in lines
-    assert lines[lines.index("## Adding a rule") + 2] == (
-        "A rule is one declaration: see [Adding a rule](docs/adding-a-rule.md).")
+    section = lines[lines.index("## Adding a rule"):]
+    section = "\n".join(section[:section.index("## Speed")])
+    for link in ("(docs/adding-a-rule.md)", "(examples/custom_rule.py)"):
+        assert link in section
+
+
+def test_the_rules_page_lists_every_registered_rule(site):
+    """Its table is generated from the registry at build time (mkdocs_hooks.py)."""
+    text = _text(site / "rules" / "index.html")
+    assert "the rules table" not in text  # the marker was replaced
+    for rule in mvn_core.rules.values():
+        assert rule.update.__name__ in text and rule.reference in text, rule.name
+
+
+def test_the_readme_lists_every_registered_rule():
+    """The front page's table of rules is written by hand: a new rule must join it."""
+    readme = (ROOT / "README.md").read_text()
+    for rule in mvn_core.rules.values():
+        assert f"`{rule.init.__name__}`, `{rule.update.__name__}` | {rule.reference} |" in readme

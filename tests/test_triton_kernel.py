@@ -129,9 +129,7 @@ def test_the_compiled_kernel_rounds_every_operation_to_nearest(name, dtype, asse
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                          options={**_triton_kernel.OPTIONS, "num_warps": _triton_kernel.WARPS}
                          ).asm["ptx"]
-    # SGD neither divides nor takes a square root
-    instructions = assert_ieee_ptx(ptx, "f64" if dtype == "float64" else "f32",
-                                   divides=name != "sgd")
+    instructions = assert_ieee_ptx(ptx, "f64" if dtype == "float64" else "f32", name)
     assert {i for i in instructions if i.startswith("ld.global.v")}
 
 

@@ -19,10 +19,12 @@ tests that enumerate the registry.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -157,7 +159,25 @@ def _discovered() -> dict[str, Entry]:
     return found
 
 
-ENTRIES: Mapping[str, Entry] = _discovered()
+_ENTRIES = _discovered()
+ENTRIES: Mapping[str, Entry] = MappingProxyType(_ENTRIES)
 # The defaults of docs/algorithms.md, restated in the entries so that a test can
 # compare them with the rules' declarations.
-DEFAULTS: Mapping[str, dict] = {name: dict(entry.defaults) for name, entry in ENTRIES.items()}
+_DEFAULTS = {name: dict(entry.defaults) for name, entry in _ENTRIES.items()}
+DEFAULTS: Mapping[str, dict] = MappingProxyType(_DEFAULTS)
+
+
+@contextlib.contextmanager
+def including(extra: Mapping[str, Entry]) -> Iterator[None]:
+    """Add the entries of rules defined elsewhere (by rule name) for the duration of
+    the block: the references of ``mvn-core check --rules-from``."""
+    taken = sorted(set(extra) & set(_ENTRIES))
+    if taken:
+        raise ValueError(f"oracle entries for {taken} exist already")
+    _ENTRIES.update(extra)
+    _DEFAULTS.update((name, dict(entry.defaults)) for name, entry in extra.items())
+    try:
+        yield
+    finally:
+        for name in extra:
+            del _ENTRIES[name], _DEFAULTS[name]
