@@ -1,8 +1,8 @@
 """Keras 3 optimizers generated from :data:`mvn_core.rules`, on its JAX, PyTorch and
 TensorFlow backends.
 
-Each class (:class:`MVNGrad`, :class:`MaxVA`, :class:`NovoGrad`, :class:`Adam`,
-:class:`AdaBelief`, :class:`LaProp`, :class:`SGD`) is a ``keras.optimizers.Optimizer``::
+Each class, one per rule of the registry (:class:`MVNGrad`, :class:`Adam`, ...), is a
+``keras.optimizers.Optimizer``::
 
     model.compile(optimizer=MVNGrad(learning_rate=1e-3, weight_decay=0.01), loss=...)
     model.fit(x, y)
@@ -33,6 +33,12 @@ trajectory is the pure rule's.  It runs where Keras runs the optimizer: eagerly,
   ``use_ema`` after the step, as for its own optimizers.
 - ``gan=True`` (or a dict of GAN's options, ``center``/``scale`` by name) puts Gradient
   Autoscaled Normalization in front of the rule, over the gradients of all variables.
+- ``skip_nonfinite=True`` skips every step whose gradients hold a NaN or an Inf, as
+  :func:`mvn_core.skip_if_nonfinite` does: the variables, the state and ``iterations``
+  (the rule's count) stay as they were, so ``optimizer.iterations`` not advancing tells
+  a skipped step.  By default non-finite gradients are computed as IEEE arithmetic
+  does (see the rule).  Keras's ``LossScaleOptimizer`` around one of these skips
+  such steps too, and adjusts its scale.
 - TensorFlow: the default distribution strategy only (``tf.distribute`` strategies
   with several replicas are not supported).
 """
@@ -62,7 +68,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
     rule: Rule | None = None
 
     def __init__(self, learning_rate: Any = None, *, gan: bool | Mapping = False,
-                 state_dtype: Any = None, name: str | None = None, **kwargs: Any) -> None:
+                 state_dtype: Any = None, skip_nonfinite: bool = False, name: str | None = None,
+                 **kwargs: Any) -> None:
         if self.rule is None:
             raise TypeError("RuleOptimizer is generic: use a class made by optimizer_class(rule), "
                             "e.g. mvn_core.adapters.keras.MVNGrad")
@@ -75,12 +82,15 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             learning_rate = self.rule.defaults["lr"]
         _check(self.rule, hyper, learning_rate)
         gan = _checked_gan(gan)
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         hyper = {k: v for k, v in {**self.rule.defaults, **hyper}.items() if k != "lr"}
         # Keras's base class keeps weight_decay too (for get_config); the rule applies it
         super().__init__(learning_rate=_as_keras_rate(learning_rate),
                          weight_decay=hyper["weight_decay"], name=name, **kwargs)
         self._hyper = hyper
         self.gan = gan
+        self.skip_nonfinite = skip_nonfinite
         self.state_dtype = None if state_dtype is None else keras.backend.standardize_dtype(
             state_dtype)
 
@@ -123,6 +133,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         the rule, in one call per weight-decay setting (one when nothing is excluded).
         Everything is computed before anything is assigned."""
         with _no_autograd():
+            finite = _all_finite(grads) if self.skip_nonfinite and grads else None
             count = _core_array(self.iterations)
             grads = [_core_array(g) for g in grads]
             if self.gan is not None:
@@ -133,7 +144,15 @@ class RuleOptimizer(keras.optimizers.Optimizer):
                      for group, weight_decay in self._weight_decay_groups(trainable_variables)]
             for assignments in steps:
                 for assign, target, value in assignments:
-                    assign(target, _native(value))
+                    value = _native(value)
+                    if finite is not None:  # a skipped step adds -0.0 and keeps the state
+                        kept = (-keras.ops.zeros_like(value) if assign == self.assign_add
+                                else target.value)
+                        value = keras.ops.where(finite, value, kept)
+                    assign(target, value)
+            if finite is not None:  # Keras advances iterations after this: not when skipped
+                self.iterations.assign_add(
+                    keras.ops.cast(keras.ops.where(finite, 0, -1), self.iterations.dtype))
 
     def _weight_decay_groups(self, variables) -> list[tuple[list[int], float]]:
         weight_decay = self._hyper.get("weight_decay", 0.0)
@@ -164,7 +183,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         config.update({name: value for name, value in self._hyper.items()
                        if name != "weight_decay"})
         config.update(gan=None if self.gan is None else dict(self.gan),
-                      state_dtype=self.state_dtype)
+                      state_dtype=self.state_dtype, skip_nonfinite=self.skip_nonfinite)
         return config
 
 
@@ -219,6 +238,11 @@ def _native(x: Any) -> Any:
     return getattr(x, "tensor", x) if keras.backend.backend() == "tensorflow" else x
 
 
+def _all_finite(grads: list) -> Any:
+    """One boolean: every entry of every gradient is finite."""
+    return keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(g)) for g in grads]))
+
+
 def _no_autograd():
     """PyTorch records no graph of the step (Keras's trainer also disables it)."""
     if keras.backend.backend() == "torch":
@@ -250,6 +274,7 @@ def _signature(rule: Rule) -> inspect.Signature:
     parameters += [P(k, P.KEYWORD_ONLY, default=v) for k, v in rule.defaults.items() if k != "lr"]
     parameters += [P("gan", P.KEYWORD_ONLY, default=False),
                    P("state_dtype", P.KEYWORD_ONLY, default=None),
+                   P("skip_nonfinite", P.KEYWORD_ONLY, default=False),
                    P("name", P.KEYWORD_ONLY, default=None), P("kwargs", P.VAR_KEYWORD)]
     return inspect.Signature(parameters)
 

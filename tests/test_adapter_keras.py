@@ -83,6 +83,16 @@ def test_eager_steps_are_the_pure_rule_bit_for_bit(report):
     assert report["apply"] == {name: 0.0 for name in OPTIMIZERS + ["gan+sgd"]}
 
 
+def test_skip_nonfinite_steps_change_nothing(report):
+    """A step with an Inf in its gradients changes no variable, no state and not
+    ``iterations``; the run is the pure rule's without that step, bit for bit."""
+    assert set(report["skip_nonfinite"]) == set(OPTIMIZERS)
+    for name, record in report["skip_nonfinite"].items():
+        assert record["skipped_step_changed"] == 0.0, name
+        assert record["vs_pure_without_it"] == 0.0, name
+        assert record["iterations"] == record["steps"] - 1, name
+
+
 def test_fit_with_a_schedule_excluded_weight_decay_and_ema(report):
     check = report["schedule_decay_ema"]
     assert check["trajectory"] <= _tolerance(report)

@@ -168,6 +168,31 @@ def check_apply():
     return out
 
 
+def check_skip_nonfinite():
+    """With ``skip_nonfinite=True`` a step whose gradients hold an Inf or a NaN changes
+    nothing (variables, state, iterations), eagerly and in a compiled ``fit``; the run
+    is then the pure rule's without that step."""
+    import numpy as np
+
+    out = {}
+    bad_step = {n: np.array(g) for n, g in GRADS[1].items()}
+    first = next(iter(SHAPES))
+    bad_step[first].reshape(-1)[0] = np.inf
+    grads = [GRADS[0], bad_step, *GRADS[2:]]
+    kept = [GRADS[0], *GRADS[2:]]
+    for rule_name, cls in adapter.OPTIMIZERS.items():
+        hyper = hyperparameters(rule_name)
+        optimizer = cls(learning_rate=LR, skip_nonfinite=True, **hyper)
+        got = keras_apply(optimizer, grads)
+        unchanged = difference([got[1]], [got[0]])
+        expected = pure(rule_name, kept, rates=[LR] * len(kept), **hyper)
+        out[rule_name] = {"skipped_step_changed": unchanged,
+                          "vs_pure_without_it": difference([got[0], *got[2:]], expected),
+                          "iterations": int(keras.ops.convert_to_numpy(optimizer.iterations)),
+                          "steps": len(grads)}
+    return out
+
+
 def check_schedule_decay_and_ema():
     """``model.fit`` with a schedule, the bias excluded from weight decay, and
     ``use_ema``: the trajectory is the pure rule's, and after ``fit`` the model holds
@@ -340,7 +365,7 @@ def check_refusals():
 def main():
     checks = {"refusals": check_refusals, "apply": check_apply, "clipping": check_clipping, "config": check_config,
               "state_variables": check_state_variables,
-              "state_dtype_step": check_state_dtype_step,
+              "state_dtype_step": check_state_dtype_step, "skip_nonfinite": check_skip_nonfinite,
               "schedule_decay_ema": check_schedule_decay_and_ema,
               "accumulation_gan": check_accumulation_and_gan, "training": check_training}
     report = {"backend": BACKEND}
