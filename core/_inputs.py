@@ -84,13 +84,35 @@ def namespace_of(arrays: Sequence[Any]) -> Any:
     for a in arrays:
         one_per_type.setdefault(type(a), a)
     try:
-        return array_api_compat.array_namespace(*one_per_type.values())
+        xp = array_api_compat.array_namespace(*one_per_type.values())
     except TypeError:
         kinds = ", ".join(sorted(f"{t.__module__}.{t.__qualname__}" for t in one_per_type))
         raise TypeError(
             f"arrays of different array libraries were mixed ({kinds}); grads, params, "
             "state and array hyperparameters must all come from one namespace"
         ) from None
+    if any(t.__name__ == "DTensor" for t in one_per_type):
+        return _OutOfPlace(xp)
+    return xp
+
+
+class _OutOfPlace:
+    """The namespace array-api-compat gives for PyTorch, for DTensors: its functions
+    but those it computes in place, which a sharded tensor may refuse (its ``sign``
+    writes NaN into its result by a masked assignment), written from other functions
+    of the standard."""
+
+    def __init__(self, xp: Any) -> None:
+        self._xp = xp
+        self.__name__ = xp.__name__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._xp, name)
+
+    def sign(self, x: Any) -> Any:
+        # +1, -1, +0 for either zero (x - x), NaN for NaN: the standard's sign
+        one = self._xp.ones_like(x)
+        return self._xp.where(x > 0, one, self._xp.where(x < 0, -one, x - x))
 
 
 def _traced(a: Any) -> bool:

@@ -196,7 +196,7 @@ def _host_steps(job, kernels: _gpu_kernel.Kernels, launch):
         assert not rest
 
         def compiled(batch):
-            return kernels.compiled(tensor_rule, _elementwise.describe(batch.c), batch.names,
+            return kernels.compiled(tensor_rule, _elementwise.describe(batch.step_scalars), batch.names,
                                     decays)
 
         for fn, one in _gpu_kernel.launches(tx, tensor_rule, planned, params, grads, columns,

@@ -105,11 +105,18 @@ def _place(name, tmp_path):
     return {"repository root": ROOT, "core folder": ROOT / "core", "elsewhere": tmp_path}[name]
 
 
-@pytest.mark.parametrize("place", PLACES)
-def test_regular_install_gives_the_same_package_from_any_directory(wheel, tmp_path, place):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """A regular install of the wheel, in a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
+    return target
+
+
+@pytest.mark.parametrize("place", PLACES)
+def test_regular_install_gives_the_same_package_from_any_directory(installed, tmp_path, place):
+    target = installed
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-c", IMPORTS], cwd=_place(place, tmp_path), env=env,
                          capture_output=True, text=True, check=True).stdout

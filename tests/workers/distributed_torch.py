@@ -25,12 +25,21 @@ import torch.distributed as dist
 
 import mvn_core
 from mvn_core.adapters import torch as adapters
+from mvn_core.conformance.paths import torch_arguments
 
 CLASSES = dict(adapters.OPTIMIZERS)
 HYPER = {"lr": 1e-2, "weight_decay": 0.1}
-# each rule also in its last checked setting (SGD with momentum, AdaBelief rectified, ...)
-EXTRA = {name: {k: v for k, v in mvn_core.rules[name].settings[-1].items() if k not in HYPER}
-         for name in CLASSES if mvn_core.rules[name].settings}
+
+
+def _arguments(name):
+    """Each rule also in its last checked setting (SGD with momentum, AdaBelief
+    rectified, ...), in the names of its torch class (its betas as ``betas``)."""
+    settings = mvn_core.rules[name].settings
+    extra = {k: v for k, v in (settings[-1] if settings else {}).items() if k not in HYPER}
+    return torch_arguments(CLASSES[name], extra)
+
+
+EXTRA = {name: _arguments(name) for name in CLASSES}
 STEPS, BATCH = 4, 8
 RESUMED = ("mvn", "novograd")  # the rules checkpointed across process counts
 
@@ -291,7 +300,7 @@ def _zero_round_trip():
     train(copy, opt_copy, later, my_part)
     train(single, opt_single, later)
     reference = make_net()
-    train(reference, make_optimizer("mvn", reference.parameters()), first + later)
+    train(reference, adapters.MVNGrad(reference.parameters(), **HYPER), first + later)
     return {"error": distance(model.parameters(), reference.parameters()),
             "resumed_equal": all(torch.equal(a, b) for a, b in
                                  zip(model.parameters(), copy.parameters())),
