@@ -5,7 +5,12 @@ A kernel is compiled with ``-O3 -march=native -fopenmp`` and without fast math o
 floating-point contraction (``-ffp-contract=off``: ``a * b + c`` is not fused into
 one rounding), so each operation rounds as it does alone and the results are the pure
 rule's bit for bit.  ``-fno-math-errno`` only stops ``sqrt`` from setting ``errno``,
-which lets it vectorize; it changes no value.
+which lets it vectorize; ``-fno-trapping-math`` lets the compiler compute both sides
+of a ``where`` (a select, as Lion's sign and MaxVA's clamps are), which it otherwise
+refuses to speculate in case one raises a floating-point trap: the loop then
+vectorizes (Lion's step ran 3.5 times faster).  Neither changes a value; no option that
+does (reassociation, reciprocals, flushing subnormals, finite-math assumptions) is
+given.
 
 The cache is ``$MVN_CORE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/mvn-core`` or
 ``~/.cache/mvn-core``), subfolder ``kernels``.  The hash covers the source, the
@@ -30,8 +35,8 @@ from pathlib import Path
 
 # -fno-fast-math would come first if given: it resets -fno-math-errno (no fast math is
 # the default anyway).
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-std=c11", "-fPIC",
-         "-shared")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+         "-std=c11", "-fPIC", "-shared")
 LIBRARIES = ("-lm",)
 OPENMP = "-fopenmp"
 _LOCK = threading.Lock()
