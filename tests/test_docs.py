@@ -198,10 +198,3 @@ def test_the_rules_page_lists_every_registered_rule(site):
     assert "the rules table" not in text  # the marker was replaced
     for rule in mvn_core.rules.values():
         assert rule.update.__name__ in text and rule.reference in text, rule.name
-
-
-def test_the_readme_lists_every_registered_rule():
-    """The front page's table of rules is written by hand: a new rule must join it."""
-    readme = (ROOT / "README.md").read_text()
-    for rule in mvn_core.rules.values():
-        assert f"`{rule.init.__name__}`, `{rule.update.__name__}` | {rule.reference} |" in readme
