@@ -39,6 +39,10 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-
          "-std=c11", "-fPIC", "-shared")
 LIBRARIES = ("-lm",)
 OPENMP = "-fopenmp"
+# GCC vectorizes a loop whose arrays may overlap by checking at run time that they do
+# not, and gives up above 10 such checks: a rule with four state buffers (MaxVA) needs
+# 15.  A tuning option, taken where the compiler knows it.
+ALIAS_CHECKS = "--param=vect-max-version-for-alias-checks=64"
 _LOCK = threading.Lock()
 
 
@@ -68,7 +72,8 @@ def compiler() -> tuple[str, tuple[str, ...], str]:
                                      timeout=30).stdout.splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             continue
-        flags = FLAGS + ((OPENMP,) if _compiles(path, FLAGS + (OPENMP,)) else ())
+        flags = FLAGS + tuple(option for option in (OPENMP, ALIAS_CHECKS)
+                              if _compiles(path, FLAGS + (option,)))
         if not _compiles(path, flags):
             continue
         return path, flags, version
