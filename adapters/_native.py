@@ -8,7 +8,7 @@ rule's bit for bit.  ``-fno-math-errno`` only stops ``sqrt`` from setting ``errn
 which lets it vectorize; ``-fno-trapping-math`` lets the compiler compute both sides
 of a ``where`` (a select, as Lion's sign and MaxVA's clamps are), which it otherwise
 refuses to speculate in case one raises a floating-point trap: the loop then
-vectorizes (Lion's step ran 3.5 times faster).  Neither changes a value; no option that
+vectorizes (Lion's step ran six times faster).  Neither changes a value; no option that
 does (reassociation, reciprocals, flushing subnormals, finite-math assumptions) is
 given.
 

@@ -90,11 +90,11 @@ def _state_arrays(state: Any) -> list:
 
 def _named_state_arrays(state: Any) -> list[tuple[str, Any]]:
     out = [("count", state.count)]
-    for name, field in zip(state._fields[1:], state[1:]):
-        if not isinstance(field, tuple):
-            raise TypeError(f"state.{name} is a {type(field).__name__}: a rule's state holds "
+    for name, arrays in zip(state._fields[1:], state[1:]):
+        if not isinstance(arrays, tuple):
+            raise TypeError(f"state.{name} is a {type(arrays).__name__}: a rule's state holds "
                             "tuples of arrays, as its init made them")
-        for i, a in enumerate(field):
+        for i, a in enumerate(arrays):
             if not is_array(a):
                 raise TypeError(f"state.{name}[{i}] is a {type(a).__name__}, not an array")
             out.append((f"{name}[{i}]", a))

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.machinery
-import importlib.util
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
