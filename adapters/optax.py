@@ -63,7 +63,8 @@ def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate
     """``rule`` as a transformation; ``learning_rate=None`` calls it without ``lr`` (GAN)."""
     fields = _per_tensor_fields(rule)
     step = rule.update if rule.tensor_rule is None else _kernel_or_pure(rule)
-    step = _skipping_nonfinite(step, rule) if skip_nonfinite else step
+    if skip_nonfinite:
+        step = mvn_core.skip_if_nonfinite(step, select_state=_tree_select)
 
     def init(params):
         leaves, treedef = jax.tree.flatten(params)
@@ -88,22 +89,10 @@ def _transformation(rule: mvn_core.Rule, hyper: dict[str, Any], *, learning_rate
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _skipping_nonfinite(update: Callable, rule: mvn_core.Rule) -> Callable:
-    """``update`` skipping steps whose gradients are not all finite, as
-    :func:`mvn_core.skip_if_nonfinite` does (the same updates and state), for states
-    packed or not: the core selects among tuples of arrays, a packed field is a pytree
-    of its own, so the state is selected here leaf by leaf."""
-
-    def guarded(state, grads, params=None, **hyper):
-        out, new_state = update(state, grads, params, **hyper)
-        if not grads:
-            return out, new_state
-        finite = mvn_core.all_finite(grads)
-        kept = grads if rule.kind == "transform" else [-jnp.zeros_like(u) for u in out]
-        out = [jnp.where(finite, u, k) for u, k in zip(out, kept)]
-        return out, jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-
-    return guarded
+def _tree_select(finite: Any, new: Any, old: Any) -> Any:
+    """``new`` where ``finite``, else ``old``, leaf by leaf: a packed field is a pytree of
+    its own, not the tuple of arrays the core selects among."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
 def _kernel_or_pure(rule: mvn_core.Rule) -> Callable:

@@ -33,7 +33,7 @@ def all_finite(grads: Any) -> Any:
     return xp.sum(reduced_together(xp, partials)) == 0
 
 
-def skip_if_nonfinite(update: Callable) -> Callable:
+def skip_if_nonfinite(update: Callable, *, select_state: Callable | None = None) -> Callable:
     """``update`` (a rule's ``<rule>_update``, or any function of that signature) made
     to skip every step whose gradients are not all finite.
 
@@ -45,6 +45,11 @@ def skip_if_nonfinite(update: Callable) -> Callable:
     advance: ``new_state.count == state.count`` tells a skipped step (as an array, so
     that nothing is read).  The choice is made with ``where`` on one 0-d flag
     (:func:`all_finite`): no host synchronisation, and it works under ``jax.jit``.
+
+    ``select_state(finite, new_state, state)`` keeps the old state where ``finite`` is
+    false; by default field by field among the tuples of arrays a rule's state holds.
+    An adapter whose state has fields of another shape (the optax adapter's packed
+    buffers) gives its own.
 
     Input errors are raised as ``update`` raises them, skipped step or not::
 
@@ -64,6 +69,8 @@ def skip_if_nonfinite(update: Callable) -> Callable:
         xp = namespace_of(out_list + grad_list)
         kept = grad_list if transform else [-xp.zeros_like(u) for u in out_list]
         out = rebuild([xp.where(finite, u, k) for u, k in zip(out_list, kept)])
+        if select_state is not None:
+            return out, select_state(finite, new_state, state)
         return out, _select(xp, finite, new_state, state)
 
     guarded.__doc__ = (f"{update.__name__}, skipping steps whose gradients are not all "

@@ -24,7 +24,8 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -161,10 +162,24 @@ def _discovered() -> dict[str, Entry]:
 
 _ENTRIES = _discovered()
 ENTRIES: Mapping[str, Entry] = MappingProxyType(_ENTRIES)
+
+
+class _Defaults(Mapping):
+    """Each entry's defaults (a fresh dict), read from the entries as they are now."""
+
+    def __getitem__(self, name: str) -> dict:
+        return dict(_ENTRIES[name].defaults)
+
+    def __iter__(self):
+        return iter(_ENTRIES)
+
+    def __len__(self) -> int:
+        return len(_ENTRIES)
+
+
 # The defaults of docs/algorithms.md, restated in the entries so that a test can
 # compare them with the rules' declarations.
-_DEFAULTS = {name: dict(entry.defaults) for name, entry in _ENTRIES.items()}
-DEFAULTS: Mapping[str, dict] = MappingProxyType(_DEFAULTS)
+DEFAULTS: Mapping[str, dict] = _Defaults()
 
 
 @contextlib.contextmanager
@@ -175,9 +190,8 @@ def including(extra: Mapping[str, Entry]) -> Iterator[None]:
     if taken:
         raise ValueError(f"oracle entries for {taken} exist already")
     _ENTRIES.update(extra)
-    _DEFAULTS.update((name, dict(entry.defaults)) for name, entry in extra.items())
     try:
         yield
     finally:
         for name in extra:
-            del _ENTRIES[name], _DEFAULTS[name]
+            del _ENTRIES[name]
