@@ -141,15 +141,26 @@ def step(tensor_rule, step_scalars: SimpleNamespace, dtypes: tuple, decays: bool
     """One launch: ``pointers`` per role of the kernel (:attr:`CpuKernel.roles`), each a
     list of data pointers, one per tensor; ``stats`` the address of the statistics as
     float64 (one per tensor) for a rule that has one."""
-    kernel, fn = compiled(tensor_rule, _elementwise.describe(step_scalars), dtypes, decays,
-                          negate_grad)
-    table = array.array("Q")
+    table = array.array("q")
     for role in pointers:
         table.extend(role)
+    launch(tensor_rule, step_scalars, dtypes, decays, array.array("q", numel), table, stats,
+           threads, negate_grad)
+
+
+def launch(tensor_rule, step_scalars: SimpleNamespace, dtypes: tuple, decays: bool,
+           numel: array.array, table: array.array, stats: Any = None,
+           threads: int | None = None, negate_grad: bool = False,
+           total: int | None = None) -> None:
+    """:func:`step` with its arrays made: ``numel`` the tensors' sizes (int64), ``table``
+    their data pointers (int64), role after role; ``total``: the sum of ``numel`` where
+    it is known."""
+    kernel, fn = compiled(tensor_rule, _elementwise.describe(step_scalars), dtypes, decays,
+                          negate_grad)
     scalars = array.array("d", (_double(getattr(step_scalars, name)) for name in kernel.scalars))
-    counts = array.array("q", numel)
-    fn(len(counts), _address(counts), _address(table), _address(scalars), stats or None,
-       CHUNK, threads_for(sum(counts), threads))
+    total = sum(numel) if total is None else total
+    fn(len(numel), _address(numel), _address(table), _address(scalars), stats or None,
+       CHUNK, threads_for(total, threads))
 
 
 def threads_for(total: int, threads: int | None = None) -> int:

@@ -255,15 +255,15 @@ class RuleOptimizer(torch.optim.Optimizer):
         replay = self._replays.get(id(group))
         if replay is None or not self._replayable(group):
             return None
-        grads = replay.grads_if_unchanged(group, self.state)
-        if grads is None:
+        gathered = replay.gather(group, self.state, keep_grads=group["skip_nonfinite"])
+        if gathered is None:
             return None
         self._check_group(group)
         hyper = self._rule_hyperparameters(group)
         _check_hyperparameter_devices(hyper, replay.params[0])
-        if group["skip_nonfinite"] and not _all_finite(grads):
+        if group["skip_nonfinite"] and not _all_finite(gathered.grads):
             return _Plan(hyper, skipped=True)
-        return replay.ready(grads, hyper, group["maximize"])
+        return replay.ready(gathered, hyper, group["maximize"])
 
     def _replayable(self, group: dict[str, Any]) -> bool:
         """A group on the kernel path without GAN (which needs every gradient each step)."""

@@ -216,7 +216,8 @@ def _header(config: dict, env: dict) -> list[str]:
         f"{warmup} warm-up steps (reference path: {slow[0]} after {slow[1]}); the 1st step "
         "(state, compilation) apart.",
         "x base: time / the baseline's.  GB/s: B/param x N / time.  % copy: of the copy "
-        "bandwidth measured in this run.  peak MB: the most memory held during the steps, "
+        "bandwidth measured in this run (the faster of the library's copy and, on a CPU, "
+        "a C loop on the kernels' threads).  peak MB: the most memory held during the steps, "
         "less that held before the optimizer was made; temp MB: less its state too (the "
         "temporaries); growth kB: over the timed steps and a few more (0 unless it leaks).",
         f"{env['cpus']} CPUs ({env['cpu']}); load average {_load(env['load_average'])} "
@@ -235,7 +236,14 @@ def _group_title(copy: dict, rows: list[dict]) -> str:
     smallest, largest = copy["tensor_sizes"]
     return (f"{copy['backend']} {copy['device']}{device}: N = {copy['n']:,} parameters in "
             f"K = {copy['k']:,} tensors of {smallest:,} to {largest:,}; copy "
-            f"{copy['gb_per_s']:.1f} GB/s; {against}")
+            f"{copy['gb_per_s']:.1f} GB/s{_copies(copy)}; {against}")
+
+
+def _copies(copy: dict) -> str:
+    """Both copies where a C loop ran beside the library's (older reports: neither)."""
+    if copy.get("c_loop_gb_per_s") is None:
+        return ""
+    return f" (library {copy['library_gb_per_s']:.1f}, C loop {copy['c_loop_gb_per_s']:.1f})"
 
 
 def _table_header() -> str:

@@ -11,7 +11,8 @@ on one path, and gives:
   for PyTorch, ``optax.adam`` under ``jax.jit`` for JAX (none for NumPy and CuPy, which
   have no peer: their rows are read against the copy bandwidth);
 - the effective bandwidth, :func:`bytes_per_param` x N / time, and its share of the
-  copy bandwidth measured in the same run (a copy of N floats, read and write);
+  copy bandwidth measured in the same run (a copy of N floats, read and write: the
+  faster of the library's own copy and, on a CPU, a C loop run as the kernels are);
 - memory: the state in bytes per parameter (from the state's arrays), the peak held
   during the steps beyond what was held before, and the growth over the timed steps
   (zero unless something leaks).
@@ -36,8 +37,8 @@ from typing import Callable
 import mvn_core
 
 from .report import environment, load_average, report_lines, targets, write_json
-from .timing import (SETTLE, SLOW_SHARE, BackendBench, BenchCase, Measurement, copy_ms,
-                     measure)
+from .timing import (SETTLE, SLOW_SHARE, BackendBench, BenchCase, Measurement, c_copy_ms,
+                     copy_ms, measure)
 
 SCHEMA = "mvn-core-bench/1"
 # Default N and K by the kind of device a backend runs on.
@@ -294,13 +295,18 @@ def run_sizes(bench, kind, sizes, cases, progress, warmup, repeat):
     copies, rows = [], []
     for n, k in sizes:
         work = bench.workload(n, k, kind)
-        copy_gbps = copy_gb_per_s(n, copy_ms(work, repeat))
+        library_gbps = copy_gb_per_s(n, copy_ms(work, repeat))
+        loop_ms = c_copy_ms(n, repeat) if kind == "cpu" else None
+        loop_gbps = None if loop_ms is None else copy_gb_per_s(n, loop_ms)
+        copy_gbps = max(library_gbps, loop_gbps or 0.0)
         copies.append({"backend": bench.name, "device": work.device_label, "kind": kind,
                        "description": work.description, "n": n, "k": k,
                        "tensor_sizes": [min(work.sizes), max(work.sizes)],
-                       "gb_per_s": copy_gbps})
+                       "gb_per_s": copy_gbps, "library_gb_per_s": library_gbps,
+                       "c_loop_gb_per_s": loop_gbps})
+        loop = "" if loop_gbps is None else f" (the library's {library_gbps:.1f}, a C loop's {loop_gbps:.1f})"
         progress(f"{bench.name} {work.device_label}: N = {n:,} in K = {k:,} tensors; "
-                 f"copy {copy_gbps:.1f} GB/s")
+                 f"copy {copy_gbps:.1f} GB/s{loop}")
         batch = [run_case(case, work, kind, baseline, warmup, repeat, progress)
                  for case in cases]
         complete_rows(batch, copy_gbps)

@@ -47,12 +47,14 @@ class Stepper(NamedTuple):
     ``state_bytes()`` is the size of its state; ``close()`` hands the parameters back
     to the workload (JAX steps return new ones); ``temporary_bytes()``, where given,
     is the compiler's account of a step's temporaries, used instead of the memory
-    probe's."""
+    probe's; ``settle()`` waits for work that the first step started in the
+    background (a helper's build), so that the timed steps are the steady state."""
 
     step: Callable[[], None]
     state_bytes: Callable[[], int]
     close: Callable[[], None] = lambda: None
     temporary_bytes: Callable[[], int | None] | None = None
+    settle: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ def measure(case: BenchCase, workload: Workload, warmup: int, repeat: int) -> Me
     try:
         stepper.step()
         first = time.perf_counter() - started
+        stepper.settle()
         after_first = _reading(probe)
         probe.reset_peak()
         for _ in range(warmup - 1 - SETTLE):
@@ -278,6 +281,47 @@ def copy_ms(workload: Workload, repeat: int) -> float:
     """The median time of one copy of N floats (after one untimed copy); the buffers
     are freed before the cases run."""
     copy = workload.make_copy()
+    copy()
+    return 1e3 * statistics.median([_timed(copy) for _ in range(max(repeat, 3))])
+
+
+_COPY_LOOP = r"""
+#include <stdint.h>
+void mvn_copy(int64_t n, const float *restrict in, float *restrict out, int64_t chunk,
+              int32_t threads)
+{
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t start = c * chunk, end = start + chunk < n ? start + chunk : n;
+        for (int64_t i = start; i < end; ++i)
+            out[i] = in[i];
+    }
+}
+"""
+
+
+def c_copy_ms(n: int, repeat: int) -> float | None:
+    """The median time of one copy of N floats by a C loop compiled and run as the CPU
+    kernels are (their compiler, flags, chunks and threads), or None where no kernel
+    can be built: on a CPU, a library's copy may use fewer threads than the kernels."""
+    import numpy as np
+
+    from mvn_core.adapters import _cpu_kernel, _native
+
+    try:
+        copy_loop = _native.library(_COPY_LOOP).mvn_copy
+    except _native.KernelUnavailable:
+        return None
+    copy_loop.argtypes = (ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                          ctypes.c_int32)
+    copy_loop.restype = None
+    source, target = np.ones(n, np.float32), np.zeros(n, np.float32)
+    threads = _cpu_kernel.threads_for(n)
+
+    def copy():
+        copy_loop(n, source.ctypes.data, target.ctypes.data, _cpu_kernel.CHUNK, threads)
+
     copy()
     return 1e3 * statistics.median([_timed(copy) for _ in range(max(repeat, 3))])
 

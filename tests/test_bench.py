@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mvn_core import cli
+from mvn_core.adapters import _cpu_kernel
 from mvn_core.bench import for_arrays as bench_arrays, report as bench_report
 from mvn_core.bench import run as bench, timing as bench_timing
 from mvn_core.conformance import oracle
@@ -138,6 +139,10 @@ def test_the_command_reports_every_backend_as_json(tmp_path, capsys):
     assert {"backend": "cupy", "kind": "cpu", "case": None,
             "reason": "cupy runs on the GPU only"} in report["skipped"]
     copies = {(c["backend"], c["device"]): c["gb_per_s"] for c in report["copy"]}
+    if _cpu_kernel.unavailable_reason() is None:  # the faster of the library's and a C loop's
+        for c in report["copy"]:
+            assert c["c_loop_gb_per_s"] > 0 and c["library_gb_per_s"] > 0
+            assert c["gb_per_s"] == max(c["library_gb_per_s"], c["c_loop_gb_per_s"])
     for r in report["rows"]:
         assert set(r) == ROW_KEYS and r["error"] is None, r
         assert (r["n"], r["k"]) == (3000, 5)

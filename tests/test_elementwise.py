@@ -219,6 +219,21 @@ def test_a_warm_cache_compiles_nothing(tmp_path, monkeypatch):
     assert hasattr(_native.library(source), "step")
 
 
+def test_a_cxx_helper_is_keyed_by_the_version_of_its_library(tmp_path, monkeypatch):
+    """A helper built against another library's headers is built anew for another
+    version of that library (its ABI may differ), and loaded from the cache otherwise."""
+    try:
+        _native.cxx_compiler()
+    except _native.KernelUnavailable as error:
+        pytest.skip(str(error))
+    monkeypatch.setenv("MVN_CORE_CACHE_DIR", str(tmp_path))
+    source = 'extern "C" int mvn_answer() { return 42; }\n'
+    for identity in ("library 1.0", "library 1.0", "library 2.0"):
+        assert _native.library(source, cxx=True, identity=identity).mvn_answer() == 42
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 2
+    assert len(list((tmp_path / "kernels").glob("*.cpp"))) == 2
+
+
 def test_without_a_compiler_the_kernel_is_unavailable(monkeypatch):
     def none(*args, **kwargs):
         raise _native.KernelUnavailable("no working C compiler was found")
