@@ -11,9 +11,11 @@ with the parameters' own at every step: ``torch.utils.swap_tensors`` exchanges t
 The helper is compiled by the system's C++ compiler against the installed torch's
 headers (about 3 s), once per machine and torch version (the kernels' disk cache), in
 a background thread started by the first replay of a group of :data:`MANY` tensors or
-more.  Until it is loaded, and where it cannot be built (no C++ compiler, a torch
-without its headers: said once in a warning), the replay reads the tensors in Python;
-both read the same addresses, so the steps are the same.
+more; once loaded, every group's replay uses it.  Until then, and where it cannot be
+built (no C++ compiler, a torch without its headers: said once in a warning), the
+replay reads the tensors in Python.  Both make the same checks and read the same
+addresses (a parameter's through ``mutable_data()``, as ``data_ptr()`` does), so the
+steps are the same.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ extern "C" int64_t mvn_gather_grads(int64_t n, const int64_t *params, const int6
   try {
     for (; i < n; ++i) {
       const TensorImpl *param = reinterpret_cast<const TensorImpl *>(params[i]);
+      // mutable_data(), as Python's data_ptr(): a copy-on-write storage is separated
+      // here (and found at another address), never written through.
       if (!param->has_storage() || param->numel() != numel[i]
-          || reinterpret_cast<int64_t>(param->data()) != table[i])
+          || reinterpret_cast<int64_t>(const_cast<TensorImpl *>(param)->mutable_data()) != table[i])
         return i;
       const at::TensorBase &grad = grad_of(param);
       if (!grad.defined())
@@ -109,6 +113,9 @@ def _build() -> Helper:
         source, (include,), cxx=True,
         link=(f"-L{libraries}", "-lc10", f"-Wl,-rpath,{libraries}"),
         identity=f"torch {torch.__version__} {torch.version.git_version}")
+    # Called holding the GIL (a PyDLL): no other Python thread changes a gradient
+    # while it is read.
+    library = ctypes.PyDLL(library._name)
     pointer = ctypes.c_void_p
     library.mvn_grad_types.argtypes = (ctypes.c_int64, pointer, pointer)
     library.mvn_gather_grads.argtypes = (ctypes.c_int64, pointer, pointer, pointer, pointer)
@@ -135,19 +142,28 @@ class _Builder:
     def _run(self) -> None:
         try:
             self._result = _build()
-        except OSError:  # e.g. a temporary cache folder gone meanwhile: the next start retries
+        except FileNotFoundError:  # a temporary cache folder gone meanwhile: the next start retries
             with self._lock:
                 self._thread = None
         except Exception as error:  # said in the caller's thread: see helper()
             self._result = error
 
+    def loaded(self) -> Helper | None:
+        """The helper if it is loaded, else None; says nothing."""
+        result = self._result
+        return result if isinstance(result, Helper) else None
+
+    def wait_if_started(self) -> None:
+        """Wait for a build that has started to end."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
     def helper(self, wait: bool = False) -> Helper | None:
         """The helper if it is loaded (``wait``: once its build has ended), else None."""
         if wait:
             self.start()
-            thread = self._thread
-            if thread is not None:
-                thread.join()
+            self.wait_if_started()
         result = self._result
         if isinstance(result, Exception) and not self._told:
             self._told = True
@@ -168,4 +184,6 @@ class _Builder:
 _builder = _Builder()
 start = _builder.start
 helper = _builder.helper
+loaded = _builder.loaded
+wait_if_started = _builder.wait_if_started
 unavailable_reason = _builder.unavailable_reason

@@ -185,7 +185,7 @@ class Replay(NamedTuple):
             launches.append(_Launch(members, dtype, names, numel, sum(numel), table,
                                     array.array("q", (impls[i] for i in members)),
                                     array.array("b")))
-        helper = _torch_gather.helper()
+        helper = _torch_gather.loaded()  # (a step that has written says nothing more)
         if helper is not None:  # the gradients are those the full step checked
             for launch in launches:
                 launch.learn_grad_types(helper)
@@ -200,14 +200,18 @@ class Replay(NamedTuple):
         params = group["params"]
         if state is not self.state or state.version != self.version:
             return None
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+        if (len(params) != len(self.params) or not all(map(operator.is_, params, self.params))
+                # the same tensors too: torch.utils.swap_tensors exchanges them
+                or list(map(_IMPL, params)) != self.impls):
             return None
         keep_grads = keep_grads or self.rule.tensor_rule.statistic is not None
         helper = _torch_gather.helper()
         if helper is not None and all(launch.grad_types for launch in self.launches):
-            if (list(map(_IMPL, params)) != self.impls  # swapped (torch.utils.swap_tensors)
-                    or not all(launch.gather(helper) for launch in self.launches)):
+            if not all(launch.gather(helper) for launch in self.launches):
                 return None
+            # Only addresses are kept: a gradient freed by another thread during the
+            # launch (which runs without the GIL) is a race of the caller's, as with
+            # any in-place update.
             return Gathered(list(map(_GRAD, params)) if keep_grads else None)
         grads = self._checked_grads(params)
         if grads is None:

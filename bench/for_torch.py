@@ -114,7 +114,7 @@ def _ours(rule_name: str, options: dict, work: Workload) -> Stepper:
     if betas:
         h["betas"] = betas
     stepper = _stepper(cls(work.params, **h, **options), work.device)
-    return stepper._replace(settle=lambda: _torch_gather.helper(wait=True))
+    return stepper._replace(settle=_torch_gather.wait_if_started)
 
 
 # --- the peers: those of the rules' oracle entries that name paths to time ---------------
@@ -172,7 +172,7 @@ def first_steps(work: Workload) -> dict:
             backends.get(NAME).synchronize()
             seconds[f"{cache}_s"] = time.perf_counter() - started
             del opt, params
-        _torch_gather.helper(wait=True)  # a build the steps started ends in this cache
+        _torch_gather.wait_if_started()  # a build the steps started ends in this cache
     _cpu_kernel.forget_compiled()  # the benchmark's other rows use the usual caches
     _triton_kernel.forget_compiled()
     return seconds

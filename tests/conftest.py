@@ -28,6 +28,22 @@ def pytest_configure(config):
         pass
 
 
+def _torch_replay_helper_settled():
+    """The torch replay's C++ helper built (or its failure known) before any test runs:
+    its background build otherwise reads whatever a test has patched meanwhile (the
+    cache folder, the compiler, ``subprocess.run``)."""
+    try:
+        from mvn_core.adapters import _torch_gather
+    except ImportError:  # torch is not installed
+        return
+    _torch_gather.start()
+    _torch_gather.wait_if_started()
+
+
+def pytest_sessionstart(session):
+    _torch_replay_helper_settled()
+
+
 def pytest_generate_tests(metafunc):
     if "target" not in metafunc.fixturenames:
         return

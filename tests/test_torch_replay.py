@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import pickle
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -20,13 +21,29 @@ pytestmark = pytest.mark.skipif(_cpu_kernel.unavailable_reason() is not None,
                                 reason="no C compiler: no kernel, nothing replayed")
 
 
+def _helper_or_skip():
+    """The helper, or a skip where it cannot be built (no C++ compiler, or no torch
+    headers): the replay then reads in Python, tested on its own."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning is tested below
+        helper = _torch_gather.helper(wait=True)
+    if helper is None:
+        pytest.skip(f"the C++ helper cannot be built here: {_torch_gather.unavailable_reason()}")
+    return helper
+
+
+def _without_helper(monkeypatch):
+    monkeypatch.setattr(_torch_gather, "helper", lambda wait=False: None)
+    monkeypatch.setattr(_torch_gather, "loaded", lambda: None)
+
+
 @pytest.fixture(params=["C++ helper", "Python"])
 def gathering(request, monkeypatch):
     """Each test twice: the replay reading the tensors with the C++ helper, and in Python."""
     if request.param == "Python":
-        monkeypatch.setattr(_torch_gather, "helper", lambda wait=False: None)
-    elif _torch_gather.helper(wait=True) is None:
-        pytest.skip(f"the C++ helper cannot be built here: {_torch_gather.unavailable_reason()}")
+        _without_helper(monkeypatch)
+    else:
+        _helper_or_skip()
     return request.param
 
 
@@ -70,6 +87,15 @@ def _copy_grads(source, target):
         b.grad = None if a.grad is None else a.grad.clone()
 
 
+def _step_both(opt, twin, params, copies, gen, steps=1):
+    """``steps`` steps of both optimizers, on the same fresh gradients."""
+    for _ in range(steps):
+        _grads(params, gen)
+        _copy_grads(params, copies)
+        opt.step()
+        twin.step()
+
+
 def _assert_same(params, copies):
     for p, c in zip(params, copies):
         assert torch.equal(p, c), "the replayed step differs from the full kernel step"
@@ -94,8 +120,7 @@ def test_steps_after_the_first_replay_the_prepared_kernel_step(monkeypatch, gath
 
 def test_the_helper_does_the_reading_where_it_is_built(monkeypatch):
     """With the helper loaded, a replayed step reads no tensor in Python."""
-    if _torch_gather.helper(wait=True) is None:
-        pytest.skip(f"the C++ helper cannot be built here: {_torch_gather.unavailable_reason()}")
+    _helper_or_skip()
     params, opt, gen = _replay_setup()
     copies, twin = _twin(params, lr=0.01, weight_decay=0.1)
 
@@ -104,11 +129,7 @@ def test_the_helper_does_the_reading_where_it_is_built(monkeypatch):
 
     monkeypatch.setattr(Replay, "_checked_grads", read_in_python)
     full = _count_full_steps(monkeypatch, opt)
-    for _ in range(3):
-        _grads(params, gen)
-        _copy_grads(params, copies)
-        opt.step()
-        twin.step()
+    _step_both(opt, twin, params, copies, gen, steps=3)
     assert len(full) == 1
     _assert_same(params, copies)
 
@@ -125,11 +146,7 @@ def test_a_replay_gives_way_to_the_full_step_when_something_changed(monkeypatch,
     never replays."""
     params, opt, gen = _replay_setup()
     twin_params, twin = _twin(params, lr=0.01, weight_decay=0.1)
-    for _ in range(2):  # prepared, then replayed
-        _grads(params, gen)
-        _copy_grads(params, twin_params)
-        opt.step()
-        twin.step()
+    _step_both(opt, twin, params, twin_params, gen, steps=2)  # prepared, then replayed
     full = _count_full_steps(monkeypatch, opt)
     for o, ps in ((opt, params), (twin, twin_params)):
         if change == "state written":
@@ -157,10 +174,7 @@ def test_a_replay_gives_way_to_the_full_step_when_something_changed(monkeypatch,
     assert len(full) == 1
     twin.step()
     _assert_same(params, twin_params)
-    _grads(params, gen)  # and the step after it: prepared anew
-    _copy_grads(params, twin_params)
-    opt.step()
-    twin.step()
+    _step_both(opt, twin, params, twin_params, gen)  # and the step after it: prepared anew
     _assert_same(params, twin_params)
 
 
@@ -228,9 +242,7 @@ def test_many_tensors_of_mixed_dtypes_replay_bit_for_bit(monkeypatch, name, opti
 
 def test_the_helper_reads_what_python_reads():
     """Each gradient's address, or the first tensor that differs from what was prepared."""
-    helper = _torch_gather.helper(wait=True)
-    if helper is None:
-        pytest.skip(f"the C++ helper cannot be built here: {_torch_gather.unavailable_reason()}")
+    helper = _helper_or_skip()
     gen = torch.Generator().manual_seed(32)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3, 0, 5, 4)]
     _grads(params, gen)
@@ -263,13 +275,71 @@ def test_the_helper_reads_what_python_reads():
                                   setattr(params[2], "grad", torch.randn(5, dtype=torch.float64))),
         "parameter moved": lambda: setattr(params[2], "data", torch.randn(5)),
         "parameter resized": lambda: setattr(params[2], "data", torch.randn(6)),
+        "parameter shrunk in place": lambda: setattr(params[2], "data", params[2].detach()[:4]),
+        "gradient shrunk": lambda: setattr(params[2].grad, "data", torch.randn(4)),
     }
     for what, change in differences.items():
-        saved = params[2].detach(), params[2].grad
+        saved = params[2].detach(), params[2].grad.detach()
         change()
         assert gather()[0] == 2, what
         params[2].data, params[2].grad = saved
-    assert gather()[0] == n
+    assert gather() == (n, [p.grad.data_ptr() for p in params])
+    # shared copy-on-write with a lazy clone: a write must copy the data first, as
+    # data_ptr() does, and the parameter is found elsewhere (never written through)
+    clone = torch._lazy_clone(params[2])
+    assert gather()[0] == 2 and params[2].data_ptr() != prepared[2]
+    assert torch.equal(clone, params[2])
+
+
+def test_a_swap_before_the_helper_first_reads_is_seen(monkeypatch):
+    """Prepared while the helper was not loaded, the replay must not hand the helper the
+    TensorImpls of parameters swapped since: as ``Module.to()`` swaps when told to, a
+    new parameter on the same storage swapped in, the old TensorImpl then freed (its
+    data still at the same address, so only the TensorImpl tells)."""
+    _helper_or_skip()
+    params, opt, gen = _replay_setup()
+    twin_params, twin = _twin(params, lr=0.01, weight_decay=0.1)
+    with monkeypatch.context() as patch:
+        _without_helper(patch)
+        _step_both(opt, twin, params, twin_params, gen)  # prepared without the helper
+    for ps in (params, twin_params):
+        new = torch.nn.Parameter(ps[0].data)
+        torch.utils.swap_tensors(ps[0], new)
+        del new  # the TensorImpl the replay was prepared with
+    full = _count_full_steps(monkeypatch, opt)
+    _step_both(opt, twin, params, twin_params, gen, steps=2)
+    assert len(full) == 1  # the step after the swap: prepared anew
+    _assert_same(params, twin_params)
+
+
+def test_a_failed_build_is_said_before_a_step_writes(monkeypatch):
+    """The warning comes from a replay's reading, before anything is written: under
+    warnings as errors the step raises and changes nothing; the full step that prepared
+    the replay said nothing after writing."""
+    def fails():
+        raise _cpu_kernel.KernelUnavailable("no working C++ compiler was found")
+
+    monkeypatch.setattr(_torch_gather, "_build", fails)
+    builder = _torch_gather._Builder()
+    builder.start()
+    builder.wait_if_started()
+    for name in ("helper", "loaded", "start", "wait_if_started", "unavailable_reason"):
+        monkeypatch.setattr(_torch_gather, name, getattr(builder, name))
+    gen = torch.Generator().manual_seed(33)
+    params = [torch.nn.Parameter(torch.randn(3, generator=gen))
+              for _ in range(_torch_gather.MANY)]
+    opt = adapters.MVNGrad(params, lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _grads(params, gen)
+        opt.step()  # the full step, which prepares the replay
+        before = [p.detach().clone() for p in params]
+        _grads(params, gen)
+        with pytest.raises(RuntimeWarning, match="instead of its C.. helper"):
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    opt.step()  # said once: the replay reads in Python
+    assert not all(torch.equal(a, b) for a, b in zip(params, before))
 
 
 def test_without_the_helper_one_warning_says_why(monkeypatch):
