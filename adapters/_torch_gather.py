@@ -12,8 +12,8 @@ The helper is compiled by the system's C++ compiler against the installed torch'
 headers (about 3 s), once per machine and torch version (the kernels' disk cache), in
 a background thread started by the first replay of a group of :data:`MANY` tensors or
 more; once loaded, every group's replay uses it.  Until then, and where it cannot be
-built (no C++ compiler, a torch without its headers: said once in a warning), the
-replay reads the tensors in Python.  Both make the same checks and read the same
+built (no C++ compiler, a torch without its headers: said once in a warning when a
+group of :data:`MANY` tensors or more replays), the replay reads the tensors in Python.  Both make the same checks and read the same
 addresses (a parameter's through ``mutable_data()``, as ``data_ptr()`` does), so the
 steps are the same.
 """
@@ -159,13 +159,15 @@ class _Builder:
         if thread is not None:
             thread.join()
 
-    def helper(self, wait: bool = False) -> Helper | None:
-        """The helper if it is loaded (``wait``: once its build has ended), else None."""
+    def helper(self, wait: bool = False, many: bool = False) -> Helper | None:
+        """The helper if it is loaded (``wait``: once its build has ended), else None.
+        ``many``: asked for a group of :data:`MANY` tensors or more, where reading in
+        Python costs: a failed build is said then, once."""
         if wait:
             self.start()
             self.wait_if_started()
         result = self._result
-        if isinstance(result, Exception) and not self._told:
+        if isinstance(result, Exception) and many and not self._told:
             self._told = True
             warnings.warn(f"mvn-core reads a replayed step's tensors in Python (about 2 µs a "
                           f"tensor) instead of its C++ helper: {result}", RuntimeWarning,

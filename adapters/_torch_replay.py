@@ -205,7 +205,7 @@ class Replay(NamedTuple):
                 or list(map(_IMPL, params)) != self.impls):
             return None
         keep_grads = keep_grads or self.rule.tensor_rule.statistic is not None
-        helper = _torch_gather.helper()
+        helper = _torch_gather.helper(many=len(params) >= _torch_gather.MANY)
         if helper is not None and all(launch.grad_types for launch in self.launches):
             if not all(launch.gather(helper) for launch in self.launches):
                 return None

@@ -7,6 +7,8 @@ Each backend module offers:
 - ``from_numpy(array, device=None, dtype=None)`` and ``to_numpy(x)``;
 - ``dtypes(device=None)``: the floating dtypes it supports there, by name;
 - ``compile(fn)``: its compiler (``jax.jit``, ``torch.compile``) or ``fn`` itself;
+  where that compiler needs more than the library, ``compile_unavailable_reason(device)``
+  says why it cannot run there (torch's on a CPU needs a C++ compiler), else None;
 - ``synchronize(x=None)``: wait for queued device work (for timing).
 
 :mod:`.generic` makes the same functions for any Array-API namespace named by its

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from ._common import missing, pick_dtypes
 
 NAME = "torch"
@@ -57,6 +60,17 @@ def dtypes(device=None):
 
 def compile(fn):
     return _torch().compile(fn)
+
+
+def compile_unavailable_reason(device=None) -> str | None:
+    """Why :func:`compile` cannot run on ``device`` here, or None: on a CPU its backend
+    (inductor) builds C++, and needs a C++ compiler."""
+    if device is not None and _torch().device(device).type != "cpu":
+        return None
+    compilers = filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++"))
+    if any(shutil.which(name) for name in compilers):
+        return None
+    return "torch.compile on a CPU needs a C++ compiler (g++ or clang++), and none is installed"
 
 
 def synchronize(x=None):

@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mvn_core  # noqa: E402
+from mvn_core import backends  # noqa: E402
 from mvn_core.adapters import torch as adapters  # noqa: E402
 from mvn_core.conformance.problems import make_problem  # noqa: E402
 from mvn_core.conformance.trajectories import core_trajectory, ieee_trajectory  # noqa: E402
@@ -24,15 +25,6 @@ HYPER = {name: {k: v for k, v in (mvn_core.rules[name].settings or ({},))[-1].it
                 if k != "weight_decay"} for name in CLASSES}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-
-def _native_cxx_missing() -> bool:
-    from mvn_core.adapters import _native
-
-    try:
-        _native.cxx_compiler()
-        return False
-    except _native.KernelUnavailable:
-        return True
 STEPS = 30
 
 
@@ -457,8 +449,8 @@ def test_loading_other_shapes_fails_and_changes_nothing():
         assert torch.equal(opt.state[params[4]][k], v)
 
 
-@pytest.mark.skipif(_native_cxx_missing(), reason="torch.compile's CPU backend (inductor) "
-                    "needs a C++ compiler, and none is installed")
+@pytest.mark.skipif(backends.get("torch").compile_unavailable_reason("cpu") is not None,
+                    reason="torch.compile on a CPU needs a C++ compiler, and none is installed")
 def test_torch_compile_of_a_training_step():
     def make():
         torch.manual_seed(0)
