@@ -159,7 +159,8 @@ def launch(tensor_rule, step_scalars: SimpleNamespace, dtypes: tuple, decays: bo
                           negate_grad)
     scalars = array.array("d", (_double(getattr(step_scalars, name)) for name in kernel.scalars))
     total = sum(numel) if total is None else total
-    fn(len(numel), _address(numel), _address(table), _address(scalars), stats or None,
+    fn(len(numel), buffer_address(numel), buffer_address(table), buffer_address(scalars),
+       stats or None,
        CHUNK, threads_for(total, threads))
 
 
@@ -171,7 +172,8 @@ def threads_for(total: int, threads: int | None = None) -> int:
     return 1 if total < SERIAL else max(1, threads)
 
 
-def _address(buffer: array.array) -> int:
+def buffer_address(buffer: array.array) -> int:
+    """The address of an ``array.array``'s items (0 when it has none), for a C call."""
     return buffer.buffer_info()[0] if len(buffer) else 0
 
 

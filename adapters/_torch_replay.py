@@ -124,14 +124,15 @@ class _Launch(NamedTuple):
         """The gradients' addresses written by the C++ helper, which checks each tensor
         as :meth:`Replay._checked_grads` does; False where one differs."""
         n = len(self.members)
-        return helper.gather_grads(n, _address(self.impls), _address(self.numel),
-                                   _address(self.grad_types), _address(self.table)) == n
+        return helper.gather_grads(n, *map(_cpu_kernel.buffer_address, (
+            self.impls, self.numel, self.grad_types, self.table))) == n
 
     def learn_grad_types(self, helper: _torch_gather.Helper) -> None:
         """The gradients' dtype codes in the helper's terms (after a step whose gradients
         were checked in Python, so of the dtypes prepared for)."""
         codes = array.array("b", bytes(len(self.members)))
-        if helper.grad_types(len(codes), _address(self.impls), _address(codes)) == len(codes):
+        if helper.grad_types(len(codes), _cpu_kernel.buffer_address(self.impls),
+                             _cpu_kernel.buffer_address(codes)) == len(codes):
             self.grad_types.extend(codes)
 
 
@@ -171,6 +172,7 @@ class Replay(NamedTuple):
         if len(params) >= _torch_gather.MANY:
             _torch_gather.start()
         impls, addresses = list(map(_IMPL, params)), list(map(_ADDRESS, params))
+        numels = list(map(_NUMEL, params))
         launches = []
         for members, dtype in _cpu_kernel.same_dtypes(xp, tensor_rule, params, grads,
                                                       buffer_lists):
@@ -181,7 +183,7 @@ class Replay(NamedTuple):
             table.frombytes(bytes(8 * len(members)))  # the gradients', at each step
             for buffer_list in element + per_tensor:
                 table.extend(buffer_list[i].data_ptr() for i in members)
-            numel = array.array("q", (params[i].numel() for i in members))
+            numel = array.array("q", (numels[i] for i in members))
             launches.append(_Launch(members, dtype, names, numel, sum(numel), table,
                                     array.array("q", (impls[i] for i in members)),
                                     array.array("b")))
@@ -190,7 +192,7 @@ class Replay(NamedTuple):
             for launch in launches:
                 launch.learn_grad_types(helper)
         storages = [b.untyped_storage() for buffer_list in buffer_lists for b in buffer_list]
-        return cls(rule, list(params), impls, addresses, list(map(_NUMEL, params)),
+        return cls(rule, list(params), impls, addresses, numels,
                    list(map(_DTYPE, grads)), state, state.version, count, launches, storages)
 
     def gather(self, group: dict, state, keep_grads: bool) -> Gathered | None:
@@ -281,6 +283,3 @@ class _Ready(NamedTuple):
                                self.maximize, launch.total)
         replay.count.copy_(self.new_count)
 
-
-def _address(buffer: array.array) -> int:
-    return buffer.buffer_info()[0]

@@ -236,10 +236,10 @@ def _group_title(copy: dict, rows: list[dict]) -> str:
     smallest, largest = copy["tensor_sizes"]
     return (f"{copy['backend']} {copy['device']}{device}: N = {copy['n']:,} parameters in "
             f"K = {copy['k']:,} tensors of {smallest:,} to {largest:,}; copy "
-            f"{copy['gb_per_s']:.1f} GB/s{_copies(copy)}; {against}")
+            f"{copy['gb_per_s']:.1f} GB/s{copies_detail(copy)}; {against}")
 
 
-def _copies(copy: dict) -> str:
+def copies_detail(copy: dict) -> str:
     """Both copies where a C loop ran beside the library's (older reports: neither)."""
     if copy.get("c_loop_gb_per_s") is None:
         return ""

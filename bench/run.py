@@ -36,7 +36,8 @@ from typing import Callable
 
 import mvn_core
 
-from .report import environment, load_average, report_lines, targets, write_json
+from .report import (copies_detail, environment, load_average, report_lines, targets,
+                     write_json)
 from .timing import (SETTLE, SLOW_SHARE, BackendBench, BenchCase, Measurement, c_copy_ms,
                      copy_ms, measure)
 
@@ -304,9 +305,8 @@ def run_sizes(bench, kind, sizes, cases, progress, warmup, repeat):
                        "tensor_sizes": [min(work.sizes), max(work.sizes)],
                        "gb_per_s": copy_gbps, "library_gb_per_s": library_gbps,
                        "c_loop_gb_per_s": loop_gbps})
-        loop = "" if loop_gbps is None else f" (the library's {library_gbps:.1f}, a C loop's {loop_gbps:.1f})"
         progress(f"{bench.name} {work.device_label}: N = {n:,} in K = {k:,} tensors; "
-                 f"copy {copy_gbps:.1f} GB/s{loop}")
+                 f"copy {copy_gbps:.1f} GB/s{copies_detail(copies[-1])}")
         batch = [run_case(case, work, kind, baseline, warmup, repeat, progress)
                  for case in cases]
         complete_rows(batch, copy_gbps)

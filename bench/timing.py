@@ -280,7 +280,12 @@ def _timed(step: Callable[[], None]) -> float:
 def copy_ms(workload: Workload, repeat: int) -> float:
     """The median time of one copy of N floats (after one untimed copy); the buffers
     are freed before the cases run."""
-    copy = workload.make_copy()
+    return _median_copy_ms(workload.make_copy(), repeat)
+
+
+def _median_copy_ms(copy: Callable[[], None], repeat: int) -> float:
+    """The median time of ``copy()`` in ms, over ``repeat`` (at least 3) calls after an
+    untimed one."""
     copy()
     return 1e3 * statistics.median([_timed(copy) for _ in range(max(repeat, 3))])
 
@@ -322,8 +327,7 @@ def c_copy_ms(n: int, repeat: int) -> float | None:
     def copy():
         copy_loop(n, source.ctypes.data, target.ctypes.data, _cpu_kernel.CHUNK, threads)
 
-    copy()
-    return 1e3 * statistics.median([_timed(copy) for _ in range(max(repeat, 3))])
+    return _median_copy_ms(copy, repeat)
 
 
 def _difference(after: int | None, before: int | None) -> int | None:
